@@ -1,0 +1,178 @@
+"""Training data: study discovery, patient-level split, neighbour-triplet datasets.
+
+A *triplet* is (s(n - g), s(n), s(n + g)): the network sees the two neighbours and learns the
+middle slice. Items are enumerated (study, slice, phase, gap) records, so a MONAI
+``Dataset`` with a seeded ``Compose`` of random flips is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, MapTransform, RandFlipd, Randomizable, ResizeWithPadOrCropd, Transform
+
+from .io import NIFTI_SUFFIXES, SaxInputError, dicom_candidates, read_sax
+from .phantom import COMPANION_SUFFIXES
+from .transforms import IntensityScaler, model_grid_size, resample_inplane
+
+
+def _is_companion(path: Path):
+    stem = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem.endswith(COMPANION_SUFFIXES)
+
+
+def list_studies(dataset_dir) -> list[Path]:
+    """Studies in a folder: every NIfTI file (dense truth and label companions excluded, by
+    their ``_truth``/``_labels`` names) and every sub-folder holding DICOM files."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise SaxInputError(f"dataset_dir {root} is not a folder")
+    studies = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.name.endswith(NIFTI_SUFFIXES) and not _is_companion(entry):
+            studies.append(entry)
+        elif entry.is_dir() and dicom_candidates(entry):
+            studies.append(entry)
+    if not studies:
+        raise SaxInputError(f"no studies (NIfTI files or DICOM folders) in {root}")
+    return studies
+
+
+def load_datalist(datalist_json, key="training") -> list[Path]:
+    """Studies of a Decathlon-style datalist: ``{"training": [{"image": path}, ...]}``,
+    paths relative to the JSON file."""
+    datalist_json = Path(datalist_json)
+    content = json.loads(datalist_json.read_text())
+    if key not in content:
+        raise SaxInputError(f"{datalist_json} has no '{key}' list (keys: {', '.join(content)})")
+    entries = content[key]
+    return [(datalist_json.parent / (e["image"] if isinstance(e, dict) else e)).resolve() for e in entries]
+
+
+def study_name(path) -> str:
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def split_studies(studies, val_names=None, val_fraction=0.25, seed=0):
+    """Patient-level split: every triplet of a study lands on one side. ``val_names`` (study
+    names) wins over a seeded random ``val_fraction``."""
+    studies = list(studies)
+    if val_names:
+        val_names = set(val_names)
+        missing = val_names - {study_name(s) for s in studies}
+        if missing:
+            raise SaxInputError(f"validation studies not found: {sorted(missing)}")
+        val = [s for s in studies if study_name(s) in val_names]
+    else:
+        n_val = max(1, int(round(len(studies) * val_fraction))) if len(studies) > 1 else 0
+        order = np.random.default_rng(seed).permutation(len(studies))
+        val = [studies[i] for i in sorted(order[:n_val])]
+    train = [s for s in studies if s not in val]
+    return train, val
+
+
+def load_volumes(studies, model_spacing=None):
+    """Read studies and scale each to its robust [0, 1] range; returns tensors (Z, T, X, Y)
+    (optionally resampled in-plane to ``model_spacing`` mm) and the slice spacings in mm."""
+    volumes, spacings = [], []
+    for path in studies:
+        stack = read_sax(path)
+        scaled = IntensityScaler.fit(stack.array)(stack.array.astype(np.float32))
+        slices = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 3, 0, 1)))
+        size = model_grid_size(stack.shape[:2], stack.pixel_spacing, model_spacing)
+        volumes.append(resample_inplane(slices, size).contiguous())
+        spacings.append(stack.slice_spacing)
+    return volumes, spacings
+
+
+def triplet_records(volumes, spacings, gaps=(1,), temporal=False):
+    """Every (study, slice, phase, gap) whose two neighbours exist; ``temporal`` drops the phase."""
+    records = []
+    for v, (vol, spacing) in enumerate(zip(volumes, spacings)):
+        z, t = vol.shape[:2]
+        for gap in gaps:
+            for n in range(gap, z - gap):
+                for phase in [None] if temporal else range(t):
+                    records.append({"study": v, "slice": n, "phase": phase, "gap": gap, "gap_mm": gap * spacing})
+    return records
+
+
+class ExtractTripletd(Transform):
+    """Record -> ``image`` (1, X, Y[, T]) = s(n) and ``neighbours`` (2, X, Y[, T]) = [s(n-g), s(n+g)]."""
+
+    def __init__(self, volumes):
+        self.volumes = volumes
+
+    def __call__(self, record):
+        vol = self.volumes[record["study"]]
+        n, g, phase = record["slice"], record["gap"], record["phase"]
+        if phase is None:  # 2D+T: the whole cine slice, time last
+            pick = lambda k: vol[k].permute(1, 2, 0)  # noqa: E731
+        else:
+            pick = lambda k: vol[k, phase]  # noqa: E731
+        out = dict(record)
+        out["image"] = pick(n)[None].clone()
+        out["neighbours"] = torch.stack([pick(n - g), pick(n + g)])
+        out["phase"] = -1 if phase is None else phase
+        return out
+
+
+class RandSwapNeighboursd(Randomizable, MapTransform):
+    """Reverse the triplet (s(n+g) becomes the left neighbour): the middle slice is unchanged."""
+
+    def __init__(self, prob=0.5):
+        MapTransform.__init__(self, keys=["neighbours"])
+        self.prob = prob
+
+    def __call__(self, data):
+        if self.R.rand() < self.prob:
+            data = dict(data)
+            data["neighbours"] = data["neighbours"].flip(0)
+        return data
+
+
+def triplet_dataset(volumes, spacings, gaps=(1,), temporal=False, spatial_size=None, augment=True, seed=0):
+    """A MONAI ``Dataset`` of neighbour triplets; deterministic for a given ``seed``."""
+    records = triplet_records(volumes, spacings, gaps=gaps, temporal=temporal)
+    if not records:
+        raise SaxInputError(f"no triplets: every study needs at least {2 * min(gaps) + 1} slices for gaps {gaps}")
+    keys = ["image", "neighbours"]
+    transforms = [ExtractTripletd(volumes)]
+    if spatial_size is not None:
+        size = tuple(spatial_size) + ((-1,) if temporal else ())
+        transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
+    if augment:  # the paper's random flips, applied identically to all three slices
+        transforms += [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandSwapNeighboursd(prob=0.5),
+        ]
+    chain = Compose(transforms)
+    chain.set_random_state(seed=seed)
+    return Dataset(data=records, transform=chain)
+
+
+__all__ = [
+    "ExtractTripletd",
+    "RandSwapNeighboursd",
+    "list_studies",
+    "load_datalist",
+    "load_volumes",
+    "split_studies",
+    "study_name",
+    "triplet_dataset",
+    "triplet_records",
+]

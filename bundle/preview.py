@@ -1,0 +1,87 @@
+"""PNG previews: acquired vs generated slices and a long-axis reslice of input vs output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .io import SaxStack
+
+
+def _to_uint8(image, low, high):
+    return (np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _labelled(image_u8, text, zoom=1):
+    """Image (x, y) shown with rows = y, enlarged ``zoom`` times, with a caption strip on top."""
+    tile = Image.fromarray(image_u8.T)
+    tile = tile.resize((tile.width * zoom, tile.height * zoom), Image.NEAREST)
+    canvas = Image.new("L", (tile.width, tile.height + 14), 0)
+    canvas.paste(tile, (0, 14))
+    ImageDraw.Draw(canvas).text((2, 1), text, fill=255)
+    return canvas
+
+
+def _row(tiles, gap=4):
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    height = max(t.height for t in tiles)
+    row = Image.new("L", (width, height), 32)
+    x = 0
+    for t in tiles:
+        row.paste(t, (x, 0))
+        x += t.width + gap
+    return row
+
+
+def _reslice(stack: SaxStack, array, y, low, high):
+    """Long-axis plane at row ``y`` as uint8 (x, height), nearest-neighbour stretched so that
+    millimetres are square: each slice shows as a band as thick as the slice step."""
+    plane = _to_uint8(array[:, y, :], low, high)  # (x, z)
+    extent_mm = stack.slice_spacing * stack.shape[2]
+    height = max(1, int(round(extent_mm / stack.pixel_spacing[1])))
+    return np.asarray(Image.fromarray(plane.T).resize((plane.shape[0], height), Image.NEAREST)).T
+
+
+def save_preview(input_stack: SaxStack, output_stack: SaxStack, path, phase=0, max_tiles=6):
+    """Write a PNG: top, acquired slices and the generated slices between them; bottom, a
+    long-axis reslice (the plane through the middle row, slices running down) of the input
+    and of the output, at the same scale."""
+    factor = (output_stack.shape[2] - 1) // max(input_stack.shape[2] - 1, 1)
+    low, high = np.percentile(input_stack.array[..., phase], [0.5, 99.5])
+    out = output_stack.array[..., phase]
+    zoom = max(1, 200 // max(input_stack.shape[:2]))  # small crops are hard to see at 1:1
+    centre = input_stack.shape[2] // 2
+    k0 = max(0, min(centre - 1, input_stack.shape[2] - 2))
+    tiles = []
+    for j in range(factor + 1):
+        kind = "acquired" if j in (0, factor) else "generated"
+        idx = k0 * factor + j
+        tiles.append(_labelled(_to_uint8(out[:, :, idx], low, high), f"{kind} z={idx}", zoom))
+        if len(tiles) >= max_tiles and j < factor:
+            last = (k0 + 1) * factor
+            tiles[-1] = _labelled(_to_uint8(out[:, :, last], low, high), f"acquired z={last}", zoom)
+            break
+    y = input_stack.shape[1] // 2
+    bottom = _row(
+        [
+            _labelled(
+                _reslice(input_stack, input_stack.array[..., phase], y, low, high),
+                f"long axis: input, {input_stack.shape[2]} slices",
+                zoom,
+            ),
+            _labelled(
+                _reslice(output_stack, out, y, low, high), f"long axis: output, {output_stack.shape[2]} slices", zoom
+            ),
+        ]
+    )
+    top = _row(tiles)
+    width = max(top.width, bottom.width)
+    canvas = Image.new("L", (width, top.height + bottom.height + 6), 32)
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height + 6))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,135 @@
+"""Every bad input is refused with a clear message, exit code 2, and nothing written."""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from dicom_factory import write_series
+
+from bundle.cli import main
+
+
+def run_cli(*args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+def assert_refused(capsys, tmp_path, input_path, message, method_args=("--factor", "2")):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    code = run_cli("upsample", str(input_path), str(out_dir / "dense.nii.gz"), *method_args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert sorted(p for p in tmp_path.rglob("*")) == before, "nothing may be written on refusal"
+
+
+def save_nifti(path, data, affine=np.diag([1.3, 1.3, 8.0, 1.0])):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+    return path
+
+
+def test_single_slice_nifti(tmp_path, capsys):
+    path = save_nifti(tmp_path / "one.nii.gz", np.ones((8, 8, 1, 4)))
+    assert_refused(capsys, tmp_path, path, "single 2D slice")
+
+
+def test_two_d_nifti(tmp_path, capsys):
+    path = save_nifti(tmp_path / "flat.nii.gz", np.ones((8, 8)))
+    assert_refused(capsys, tmp_path, path, "single 2D slice")
+
+
+def test_single_slice_dicom(tmp_path, capsys):
+    write_series(tmp_path / "d", slices=1)
+    assert_refused(capsys, tmp_path, tmp_path / "d", "at one slice position")
+
+
+def test_non_finite_values(tmp_path, capsys):
+    data = np.ones((8, 8, 3, 2))
+    data[2, 3, 1, 1] = np.nan
+    path = save_nifti(tmp_path / "nan.nii.gz", data)
+    assert_refused(capsys, tmp_path, path, "non-finite intensity (NaN or inf) in the input, first at voxel")
+
+
+def test_slices_not_parallel(tmp_path, capsys):
+    write_series(tmp_path / "d", tilt=(2, np.radians(10)))
+    assert_refused(capsys, tmp_path, tmp_path / "d", "slices are not parallel")
+
+
+def test_missing_slice_is_uneven_spacing(tmp_path, capsys):
+    write_series(tmp_path / "d", slices=6, drop=[(3, None)])
+    assert_refused(
+        capsys, tmp_path, tmp_path / "d", "uneven slice spacing: the gap between slice 2 and slice 3 is 16.00 mm"
+    )
+
+
+def test_different_phase_counts(tmp_path, capsys):
+    write_series(tmp_path / "d", drop=[(1, 2)])
+    assert_refused(capsys, tmp_path, tmp_path / "d", "slices have different numbers of phases")
+
+
+def test_unreadable_dicom(tmp_path, capsys):
+    write_series(tmp_path / "d")
+    (tmp_path / "d" / "junk.dcm").write_bytes(b"this is not DICOM at all" * 10)
+    assert_refused(capsys, tmp_path, tmp_path / "d", "junk.dcm")
+
+
+def test_truncated_dicom(tmp_path, capsys):
+    files = write_series(tmp_path / "d")
+    path = files[4][0]
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) - 100])
+    assert_refused(capsys, tmp_path, tmp_path / "d", path.name)
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert_refused(capsys, tmp_path, tmp_path / "empty", "no DICOM files in")
+
+
+def test_missing_input(tmp_path, capsys):
+    assert_refused(capsys, tmp_path, tmp_path / "nowhere.nii.gz", "input not found")
+
+
+def test_two_cine_series_listed(tmp_path, capsys):
+    write_series(tmp_path / "d" / "a", series_number=5)
+    write_series(tmp_path / "d" / "b", series_number=7)
+    assert_refused(capsys, tmp_path, tmp_path / "d", "SeriesNumber=7")
+
+
+@pytest.mark.parametrize("factor", ["3", "6", "0", "-2", "1.5"])
+def test_factor_not_power_of_two(tmp_path, capsys, factor):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.ones((8, 8, 3)))
+    assert_refused(capsys, tmp_path, path, "factor must be a power of two", ("--factor", factor))
+
+
+def test_refuses_existing_output_and_input_overwrite(tmp_path, capsys):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.ones((8, 8, 3)))
+    existing = tmp_path / "exists.nii.gz"
+    existing.write_bytes(b"keep me")
+    assert run_cli("upsample", str(path), str(existing)) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+    assert run_cli("upsample", str(path), str(path), "--overwrite") == 2
+    assert "over (or inside) the input" in capsys.readouterr().err
+    assert nib.load(path).shape == (8, 8, 3)
+    main(["upsample", str(path), str(existing), "--overwrite"])
+    assert nib.load(existing).shape == (8, 8, 5)
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle.cli", "upsample", str(tmp_path / "none.nii.gz"), str(tmp_path / "o.nii.gz")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "calid: error: input not found" in proc.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
