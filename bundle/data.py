@@ -58,6 +58,15 @@ def load_datalist(datalist_json, key="training") -> list[Path]:
     return [(datalist_json.parent / (e["image"] if isinstance(e, dict) else e)).resolve() for e in entries]
 
 
+def find_studies(dataset_dir=None, datalist=None, key="training") -> list[Path]:
+    """Studies from a Decathlon-style datalist if given, else from a folder."""
+    if datalist:
+        return load_datalist(datalist, key=key)
+    if not dataset_dir:
+        raise SaxInputError("set dataset_dir (a folder of studies) or datalist (a Decathlon-style JSON)")
+    return list_studies(dataset_dir)
+
+
 def study_name(path) -> str:
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
@@ -110,17 +119,29 @@ def triplet_records(volumes, spacings, gaps=(1,), temporal=False):
     return records
 
 
-class ExtractTripletd(Transform):
-    """Record -> ``image`` (1, X, Y[, T]) = s(n) and ``neighbours`` (2, X, Y[, T]) = [s(n-g), s(n+g)]."""
+def cyclic_frames(cine: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+    """Cine (..., T) to (..., num_frames): a cardiac cycle is periodic, so pad by wrapping
+    around it, or keep the first ``num_frames``."""
+    if num_frames is None or cine.shape[-1] == num_frames:
+        return cine
+    index = torch.arange(num_frames, device=cine.device) % cine.shape[-1]
+    return cine.index_select(-1, index)
 
-    def __init__(self, volumes):
+
+class ExtractTripletd(Transform):
+    """Record -> ``image`` (1, X, Y[, T]) = s(n) and ``neighbours`` (2, X, Y[, T]) = [s(n-g), s(n+g)].
+
+    In the 2D+T case the time axis is made ``num_frames`` long with :func:`cyclic_frames`."""
+
+    def __init__(self, volumes, num_frames=None):
         self.volumes = volumes
+        self.num_frames = num_frames
 
     def __call__(self, record):
         vol = self.volumes[record["study"]]
         n, g, phase = record["slice"], record["gap"], record["phase"]
         if phase is None:  # 2D+T: the whole cine slice, time last
-            pick = lambda k: vol[k].permute(1, 2, 0)  # noqa: E731
+            pick = lambda k: cyclic_frames(vol[k].permute(1, 2, 0), self.num_frames)  # noqa: E731
         else:
             pick = lambda k: vol[k, phase]  # noqa: E731
         out = dict(record)
@@ -144,13 +165,15 @@ class RandSwapNeighboursd(Randomizable, MapTransform):
         return data
 
 
-def triplet_dataset(volumes, spacings, gaps=(1,), temporal=False, spatial_size=None, augment=True, seed=0):
+def triplet_dataset(
+    volumes, spacings, gaps=(1,), temporal=False, spatial_size=None, augment=True, seed=0, num_frames=None
+):
     """A MONAI ``Dataset`` of neighbour triplets; deterministic for a given ``seed``."""
     records = triplet_records(volumes, spacings, gaps=gaps, temporal=temporal)
     if not records:
         raise SaxInputError(f"no triplets: every study needs at least {2 * min(gaps) + 1} slices for gaps {gaps}")
     keys = ["image", "neighbours"]
-    transforms = [ExtractTripletd(volumes)]
+    transforms = [ExtractTripletd(volumes, num_frames=num_frames if temporal else None)]
     if spatial_size is not None:
         size = tuple(spatial_size) + ((-1,) if temporal else ())
         transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
@@ -165,9 +188,23 @@ def triplet_dataset(volumes, spacings, gaps=(1,), temporal=False, spatial_size=N
     return Dataset(data=records, transform=chain)
 
 
+def validation_triplets(volumes, spacings, temporal=False, spatial_size=None, num_frames=None, max_triplets=64):
+    """A fixed, evenly spread subset of gap-1 triplets without augmentation, for validation."""
+    from torch.utils.data import Subset
+
+    if not volumes:
+        return []
+    full = triplet_dataset(
+        volumes, spacings, gaps=(1,), temporal=temporal, spatial_size=spatial_size, augment=False, num_frames=num_frames
+    )
+    count = min(len(full), int(max_triplets))
+    return Subset(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist())
+
+
 __all__ = [
     "ExtractTripletd",
     "RandSwapNeighboursd",
+    "find_studies",
     "list_studies",
     "load_datalist",
     "load_volumes",
@@ -175,4 +212,5 @@ __all__ = [
     "study_name",
     "triplet_dataset",
     "triplet_records",
+    "validation_triplets",
 ]

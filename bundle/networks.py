@@ -1,0 +1,185 @@
+"""CaLID networks: the VAE, the latent denoiser and its two-part neighbour conditioning.
+
+tau1 encodes the two neighbours [s(n-1), s(n+1)] in image space with a light conv encoder that
+downsamples by the VAE factor and ends in a zero-initialised conv (the ``ControlNet``'s
+conditioning embedding); tau2 is a ControlNet-style copy of the denoiser's encoder
+(time-embedded ResBlocks with self-attention) whose zero-initialised outputs are added into
+the denoiser at every scale. All three train together from scratch.
+
+Sizes come from the configs; :data:`PRESETS` holds the three named sets they start from.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
+from torch import nn
+
+PRESETS = {
+    # seconds on a CPU: for tests
+    "tiny": {
+        "vae_channels": [8, 16, 16],
+        "vae_res_blocks": 1,
+        "latent_channels": 2,
+        "vae_norm_groups": 4,
+        "unet_channels": [16, 32],
+        "unet_attention": [False, True],
+        "unet_res_blocks": 1,
+        "unet_head_channels": 8,
+        "unet_norm_groups": 8,
+        "tau1_channels": [8, 8, 16],
+        "disc_channels": 8,
+        "disc_layers": 2,
+        "spatial_size": [32, 32],
+        "num_frames": 8,
+        "batch_size": 4,
+    },
+    # about an hour per stage on 2 CPU cores
+    "cpu": {
+        "vae_channels": [32, 64, 64],
+        "vae_res_blocks": 1,
+        "latent_channels": 4,
+        "vae_norm_groups": 16,
+        "unet_channels": [64, 128, 128],
+        "unet_attention": [False, False, True],
+        "unet_res_blocks": 1,
+        "unet_head_channels": 32,
+        "unet_norm_groups": 32,
+        "tau1_channels": [16, 32, 64],
+        "disc_channels": 32,
+        "disc_layers": 3,
+        "spatial_size": [128, 128],
+        "num_frames": 32,
+        "batch_size": 8,
+    },
+    # full size, for a GPU
+    "paper": {
+        "vae_channels": [64, 128, 256],
+        "vae_res_blocks": 2,
+        "latent_channels": 4,
+        "vae_norm_groups": 32,
+        "unet_channels": [128, 256, 512],
+        "unet_attention": [False, True, True],
+        "unet_res_blocks": 2,
+        "unet_head_channels": 64,
+        "unet_norm_groups": 32,
+        "tau1_channels": [32, 64, 128],
+        "disc_channels": 64,
+        "disc_layers": 3,
+        "spatial_size": [128, 128],
+        "num_frames": 32,
+        "batch_size": 64,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def build_autoencoder(spatial_dims, channels, latent_channels, num_res_blocks, norm_num_groups):
+    """AutoencoderKL with f = 2 ** (len(channels) - 1) and no attention anywhere."""
+    return AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=list(channels),
+        latent_channels=latent_channels,
+        num_res_blocks=num_res_blocks,
+        attention_levels=[False] * len(channels),
+        norm_num_groups=norm_num_groups,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+
+
+def build_discriminator(spatial_dims, channels, num_layers):
+    return PatchDiscriminator(
+        spatial_dims=spatial_dims, num_layers_d=num_layers, channels=channels, in_channels=1, out_channels=1
+    )
+
+
+class ConditionedDenoiser(nn.Module):
+    """eps_theta(z_t, t, tau2(tau1(s(n-1), s(n+1)), z_t)): one module, trained jointly.
+
+    ``neighbours`` are image-space (N, 2, H, W[, T]); latents are (N, C, H/f, W/f[, T/f]). The
+    shapes are checked, never resized: a mismatch is an error, not a silent interpolation.
+    """
+
+    def __init__(
+        self,
+        spatial_dims,
+        latent_channels,
+        channels,
+        attention_levels,
+        num_res_blocks,
+        num_head_channels,
+        norm_num_groups,
+        tau1_channels,
+        vae_factor,
+    ):
+        super().__init__()
+        common = dict(
+            spatial_dims=spatial_dims,
+            in_channels=latent_channels,
+            channels=list(channels),
+            attention_levels=list(attention_levels),
+            num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels,
+            norm_num_groups=norm_num_groups,
+        )
+        self.unet = DiffusionModelUNet(out_channels=latent_channels, **common)
+        tau1_downsamplings = len(tau1_channels) - 1
+        if 2**tau1_downsamplings != vae_factor:
+            raise ValueError(
+                f"tau1 must downsample by the VAE factor {vae_factor}: {len(tau1_channels)} channel entries give "
+                f"{2 ** tau1_downsamplings}"
+            )
+        # tau2, with tau1 as its conditioning embedding (2 channels: the two neighbours)
+        self.control = ControlNet(
+            conditioning_embedding_in_channels=2, conditioning_embedding_num_channels=list(tau1_channels), **common
+        )
+        self.vae_factor = vae_factor
+        self.latent_channels = latent_channels
+
+    @property
+    def tau1(self):
+        return self.control.controlnet_cond_embedding
+
+    def forward(self, z_t, timesteps, neighbours):
+        expected = tuple(s * self.vae_factor for s in z_t.shape[2:])
+        if tuple(neighbours.shape[2:]) != expected or neighbours.shape[1] != 2:
+            raise ValueError(
+                f"neighbours must be (N, 2, {expected}) for latents {tuple(z_t.shape)}, got {tuple(neighbours.shape)}"
+            )
+        down, mid = self.control(x=z_t, timesteps=timesteps, controlnet_cond=neighbours.to(z_t.dtype))
+        return self.unet(
+            x=z_t, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
+
+
+def build_denoiser(spatial_dims, net: dict):
+    return ConditionedDenoiser(
+        spatial_dims=spatial_dims,
+        latent_channels=net["latent_channels"],
+        channels=net["unet_channels"],
+        attention_levels=net["unet_attention"],
+        num_res_blocks=net["unet_res_blocks"],
+        num_head_channels=net["unet_head_channels"],
+        norm_num_groups=net["unet_norm_groups"],
+        tau1_channels=net["tau1_channels"],
+        vae_factor=2 ** (len(net["vae_channels"]) - 1),
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def encode_mean(autoencoder, images):
+    """Deterministic latent: the posterior mean."""
+    z_mu, _ = autoencoder.encode(images)
+    return z_mu

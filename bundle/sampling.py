@@ -1,0 +1,124 @@
+"""DDIM sampling and inversion from one explicit timestep list, and the CaLID slice sampler.
+
+MONAI 1.6's ``DDIMScheduler.step`` derives the previous timestep as ``t - T // steps`` while
+``set_timesteps`` lays out another grid (8 steps: 999, 856, ... vs t - 125), and
+``reversed_step`` can index past the schedule. Here one list drives both directions: sampling
+walks ``timesteps`` down, inversion walks the same pairs up, with alpha_bar(-1) = 1 (clean).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def make_noise_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    """The training noise schedule (scaled-linear betas, as in latent diffusion)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195
+    )
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """Evenly spaced, descending, ending one stride above clean: 1000, 8 -> 999, 874, ..., 124."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    return [round((i + 1) * num_train_timesteps / num_steps) - 1 for i in reversed(range(num_steps))]
+
+
+class DDIM:
+    """Deterministic DDIM (eta = 0) over an explicit timestep list."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int = 8):
+        self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self.timesteps = ddim_timesteps(len(alphas_cumprod), num_steps)
+        self.pairs = list(zip(self.timesteps, self.timesteps[1:] + [-1]))  # (t, t_prev), noisy -> clean
+
+    def alpha(self, t: int) -> float:
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def step(self, z_t, eps, t, t_prev):
+        """z_t -> z_{t_prev} given the predicted noise at t."""
+        a_t, a_prev = self.alpha(t), self.alpha(t_prev)
+        x0 = (z_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+    def inverse_step(self, z_prev, eps, t_prev, t):
+        """z_{t_prev} -> z_t, the same update solved the other way (eps evaluated at t)."""
+        a_t, a_prev = self.alpha(t), self.alpha(t_prev)
+        x0 = (z_prev - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+        return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
+
+    def sample(self, eps_fn, z_start):
+        """Denoise from ``z_start`` at ``timesteps[0]``; ``eps_fn(z, t)`` predicts the noise."""
+        z = z_start
+        for t, t_prev in self.pairs:
+            z = self.step(z, eps_fn(z, t), t, t_prev)
+        return z
+
+    def invert(self, eps_fn, z0):
+        """Map a clean latent to the noisy latent at ``timesteps[0]`` along the same pairs."""
+        z = z0
+        for t, t_prev in reversed(self.pairs):
+            z = self.inverse_step(z, eps_fn(z, t), t_prev, t)
+        return z
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5, eps: float = 1e-4) -> torch.Tensor:
+    """Spherical interpolation per batch item; falls back to linear when a and b are nearly
+    parallel (sin(theta) ~ 0 would divide by zero)."""
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1)).clamp_min(1e-12)
+    theta = torch.arccos(cos.clamp(-1, 1))
+    sin = torch.sin(theta)
+    near = sin.abs() < eps
+    safe_sin = torch.where(near, torch.ones_like(sin), sin)
+    wa = torch.where(near, 1 - alpha, torch.sin((1 - alpha) * theta) / safe_sin)
+    wb = torch.where(near, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe_sin)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return (wa.view(shape) * a.double() + wb.view(shape) * b.double()).to(a.dtype)
+
+
+class SliceSampler:
+    """Predict middle slices from their neighbours with a VAE and a conditioned denoiser.
+
+    ``neighbours`` are (N, 2, H, W[, T]) in network intensity scale; returns (N, 1, H, W[, T]).
+    ``refine`` (CaLID+) starts from the slerp of the neighbours' DDIM-inverted latents, inverted
+    with the same conditioning; otherwise from seeded Gaussian noise.
+    """
+
+    def __init__(self, autoencoder, denoiser, scale_factor, num_steps=8, alphas_cumprod=None):
+        self.autoencoder = autoencoder
+        self.denoiser = denoiser
+        self.scale_factor = float(scale_factor)
+        if alphas_cumprod is None:
+            alphas_cumprod = make_noise_scheduler().alphas_cumprod
+        self.ddim = DDIM(alphas_cumprod, num_steps)
+
+    def _eps_fn(self, neighbours):
+        def eps(z, t):
+            timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+            return self.denoiser(z, timesteps, neighbours)
+
+        return eps
+
+    def encode(self, images):
+        return self.autoencoder.encode(images)[0] * self.scale_factor
+
+    def decode(self, latents):
+        return self.autoencoder.decode(latents / self.scale_factor)
+
+    @torch.no_grad()
+    def __call__(self, neighbours, refine=False, generator=None):
+        eps_fn = self._eps_fn(neighbours)
+        if refine:
+            left = self.encode(neighbours[:, :1])
+            right = self.encode(neighbours[:, 1:])
+            z_start = slerp(self.ddim.invert(eps_fn, left), self.ddim.invert(eps_fn, right), 0.5)
+        else:
+            f = self.denoiser.vae_factor
+            shape = (neighbours.shape[0], self.denoiser.latent_channels) + tuple(s // f for s in neighbours.shape[2:])
+            z_start = torch.randn(shape, generator=generator, device="cpu").to(neighbours.device)
+        return self.decode(self.ddim.sample(eps_fn, z_start))

@@ -1,0 +1,197 @@
+"""Both training stages through the real config files and monai.bundle, tiny preset, CPU."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+AE = str(ROOT / "configs" / "train_autoencoder.json")
+LDM = str(ROOT / "configs" / "train_diffusion.json")
+META = str(ROOT / "configs" / "metadata.json")
+
+
+def workflow(config_files, **override):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=config_files, meta_file=META, workflow_type=None, preset="tiny", bundle_root=str(ROOT), **override
+    )
+    wf.initialize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def trained_autoencoder(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ae")
+    wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(out), max_epochs=1)
+    wf.run()
+    wf.finalize()
+    return out
+
+
+def test_autoencoder_stage_one_epoch(trained_autoencoder):
+    out = trained_autoencoder
+    assert (out / "autoencoder.pt").is_file() and (out / "autoencoder.json").is_file()
+    assert list((out / "checkpoints").glob("checkpoint_*.pt"))
+    state = torch.load(out / "autoencoder.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in state)
+    assert (out / "validation.csv").read_text().startswith("epoch,iteration,val_psnr")
+
+
+def test_diffusion_stage_one_epoch(phantom_dir, trained_autoencoder, tmp_path):
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(tmp_path),
+        autoencoder_dir=str(trained_autoencoder),
+        max_epochs=1,
+    )
+    wf.run()
+    wf.finalize()
+    import json
+
+    info = json.loads((tmp_path / "diffusion.json").read_text())
+    assert info["stage"] == "diffusion" and info["preset"] == "tiny" and info["latent_scale"] > 0
+    state = torch.load(tmp_path / "diffusion.pt", weights_only=True)
+    assert any(k.startswith("control.controlnet_cond_embedding") for k in state)
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_diffusion_needs_a_trained_autoencoder(phantom_dir, tmp_path):
+    wf = workflow(
+        [AE, LDM], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), autoencoder_dir=str(tmp_path / "none")
+    )
+    with pytest.raises(RuntimeError) as info:  # monai.bundle wraps the cause
+        wf.run()
+    assert "no trained weights at" in str(info.value.__cause__)
+
+
+def overfit_losses(wf, iterations=40):
+    """Run the trainer's own iteration on one fixed batch; returns the losses."""
+    trainer = wf.parser.get_parsed_content("trainer")
+    batch = next(iter(wf.parser.get_parsed_content("train_loader")))
+    losses = []
+    for _ in range(iterations):
+        trainer.state.iteration += 1
+        losses.append(trainer._iteration(trainer, batch)["loss"])
+    return losses
+
+
+def test_autoencoder_overfits_a_fixed_batch(phantom_dir, tmp_path):
+    wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), lr=3e-3, warmup_iterations=1)
+    losses = overfit_losses(wf)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+def test_diffusion_overfits_a_fixed_batch(phantom_dir, trained_autoencoder, tmp_path):
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(tmp_path),
+        autoencoder_dir=str(trained_autoencoder),
+        lr=3e-3,
+        warmup_iterations=1,
+    )
+    losses = overfit_losses(wf, iterations=60)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+
+
+def test_kill_and_resume(phantom_dir, tmp_path):
+    """SIGKILL a real training process after a checkpoint; a restart resumes from it with the
+    same model, optimiser and iteration counter, and carries on counting."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", AE, "--meta_file", META, "--bundle_root", str(ROOT),
+        "--preset", "tiny", "--dataset_dir", str(phantom_dir), "--output_dir", str(out),
+        "--max_epochs", "1000", "--checkpoint_every", "3",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "checkpoints").glob("checkpoint_6.pt")) and time.time() < deadline:
+            assert proc.poll() is None, "training exited early"
+            time.sleep(0.2)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from bundle.engines import latest_checkpoint, resume_latest
+
+    path = latest_checkpoint(out / "checkpoints")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    n = saved["trainer"]["iteration"]
+    assert n >= 6 and n % 3 == 0
+
+    wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(out), max_epochs=1000)
+    objects = wf.parser.get_parsed_content("checkpoint_objects")
+    assert resume_latest(out / "checkpoints", objects) == path
+    trainer = objects["trainer"]
+    assert trainer.state.iteration == n
+    for key, value in saved["network"].items():
+        torch.testing.assert_close(objects["network"].state_dict()[key], value, rtol=0, atol=0)
+    opt_state = objects["optimizer"].state_dict()
+    for idx, param_state in saved["optimizer"]["state"].items():
+        torch.testing.assert_close(opt_state["state"][idx]["exp_avg"], param_state["exp_avg"], rtol=0, atol=0)
+    for key, value in saved["ema"].items():
+        torch.testing.assert_close(objects["ema"].state_dict()[key], value, rtol=0, atol=0)
+
+    # carry on for a few iterations: the counter continues from n
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=n + 2), lambda engine: engine.terminate())
+    trainer.run()
+    assert trainer.state.iteration == n + 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_torchrun_two_processes_gloo(phantom_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        str(ROOT / "tests" / "ddp_worker.py"), str(phantom_dir), str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(out / "rank0.pt", weights_only=True)
+    b = torch.load(out / "rank1.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] > 0
+    for key in a["network"]:
+        torch.testing.assert_close(a["network"][key], b["network"][key], rtol=0, atol=0)
+    assert (out / "autoencoder.pt").is_file()
+
+
+def test_same_seed_same_weights_on_cpu(phantom_dir, trained_autoencoder, tmp_path):
+    wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), max_epochs=1)
+    wf.run()
+    wf.finalize()
+    a = torch.load(trained_autoencoder / "autoencoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_two_d_plus_t_variant_by_config(phantom_dir, tmp_path):
+    ae_out, ldm_out = tmp_path / "ae", tmp_path / "ldm"
+    wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(ae_out), max_epochs=1, temporal=True)
+    wf.run()
+    assert wf.parser.get_parsed_content("spatial_dims") == 3
+    batch = next(iter(wf.parser.get_parsed_content("train_loader")))
+    assert batch["image"].shape == (4, 1, 32, 32, 8)  # tiny: 32 x 32 pixels, 8 frames (3 phases, wrapped)
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(ldm_out),
+        autoencoder_dir=str(ae_out),
+        max_epochs=1,
+        temporal=True,
+    )
+    wf.run()
+    assert (ldm_out / "diffusion.pt").is_file()
