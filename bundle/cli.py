@@ -38,21 +38,60 @@ class Commands:
         print(_describe(stack, f"wrote {output}"))
 
     def upsample(
-        self, input, output, factor=2, method="linear", overwrite=False, preview=None, series_uid=None, phase=0
+        self,
+        input,
+        output,
+        factor=2,
+        method="calid",
+        steps=8,
+        refine=False,
+        samples=1,
+        seed=0,
+        device="auto",
+        weights=None,
+        preview=None,
+        overwrite=False,
+        series_uid=None,
+        phase=0,
+        chunk_size=None,
+        precision="auto",
     ):
         """Upsample INPUT (NIfTI or DICOM folder) by FACTOR (a power of two) along the slices.
 
         Writes OUTPUT (NIfTI): (Z - 1) * FACTOR + 1 slices, same in-plane grid, acquired slices
-        unchanged. --preview PNG shows acquired vs generated slices and a long-axis reslice.
+        unchanged. --method calid (default, weights from models/ or --weights DIR) or linear;
+        --steps DDIM steps; --refine starts from the slerp of the neighbours' inverted latents
+        (CaLID+); --samples N writes the mean of N draws and OUTPUT_std.nii.gz; --preview PNG
+        shows acquired vs generated slices and a long-axis reslice.
         """
         from .upsample import upsample_file
 
         stack, dense, seconds = upsample_file(
-            input, output, factor, method, overwrite=overwrite, preview_path=preview, series_uid=series_uid, phase=phase
+            input,
+            output,
+            factor,
+            method,
+            num_inference_steps=steps,
+            refine=refine,
+            samples=samples,
+            seed=seed,
+            device=device,
+            weights_dir=weights,
+            preview_path=preview,
+            overwrite=overwrite,
+            series_uid=series_uid,
+            phase=phase,
+            chunk_size=chunk_size,
+            precision=precision,
         )
+        label = method if method == "linear" else f"{'calid+' if refine else 'calid'}, {steps} steps"
         print(_describe(stack, f"input {input}"))
-        print(_describe(dense, f"wrote {output} ({method}, x{factor})"))
+        print(_describe(dense, f"wrote {output} ({label}, x{factor})"))
         print(f"runtime: {seconds:.2f} s")
+        if int(samples) > 1:
+            from .upsample import std_map_path
+
+            print(f"per-voxel standard deviation of {samples} samples: {std_map_path(output)}")
         if preview is not None:
             print(f"preview: {preview}")
 
@@ -85,6 +124,42 @@ class Commands:
             pixel_spacing=pixel_spacing,
         )
         print(f"wrote {subjects} phantom subject(s) to {out}")
+
+    def train_speed(self, preset="cpu", iterations=3, device="auto", temporal=False, batch_size=None):
+        """Benchmark: parameter counts and seconds per training iteration of both stages."""
+        import json
+
+        from .benchmark import training_speed
+
+        result = training_speed(preset, iterations=iterations, device=device, temporal=temporal, batch_size=batch_size)
+        print(json.dumps(result, indent=2))
+
+    def benchmark(
+        self,
+        weights=None,
+        preset="cpu",
+        temporal=False,
+        slices=12,
+        phases=20,
+        size=256,
+        factor=4,
+        steps=8,
+        device="auto",
+        chunk_size=None,
+        loop=True,
+        precision="auto",
+    ):
+        """Benchmark: wall time and peak memory to upsample a phantom cine (default 12 slices x
+        20 phases x 256x256, x4, 8 steps), batched vs a per-slice loop. Random weights of
+        --preset unless --weights DIR."""
+        import json
+
+        from .benchmark import inference_speed
+
+        result = inference_speed(
+            weights, preset, temporal, slices, phases, size, factor, steps, device, chunk_size, loop, precision
+        )
+        print(json.dumps(result, indent=2))
 
 
 def main(argv=None):

@@ -110,15 +110,19 @@ class SliceSampler:
     def decode(self, latents):
         return self.autoencoder.decode(latents / self.scale_factor)
 
+    def latent_shape(self, neighbours):
+        f = self.denoiser.vae_factor
+        return (neighbours.shape[0], self.denoiser.latent_channels) + tuple(s // f for s in neighbours.shape[2:])
+
     @torch.no_grad()
-    def __call__(self, neighbours, refine=False, generator=None):
+    def __call__(self, neighbours, refine=False, generator=None, z_start=None):
+        """``z_start`` (per-item noise) makes results independent of batching; without it,
+        noise is drawn from ``generator``."""
         eps_fn = self._eps_fn(neighbours)
         if refine:
             left = self.encode(neighbours[:, :1])
             right = self.encode(neighbours[:, 1:])
             z_start = slerp(self.ddim.invert(eps_fn, left), self.ddim.invert(eps_fn, right), 0.5)
-        else:
-            f = self.denoiser.vae_factor
-            shape = (neighbours.shape[0], self.denoiser.latent_channels) + tuple(s // f for s in neighbours.shape[2:])
-            z_start = torch.randn(shape, generator=generator, device="cpu").to(neighbours.device)
-        return self.decode(self.ddim.sample(eps_fn, z_start))
+        elif z_start is None:
+            z_start = torch.randn(self.latent_shape(neighbours), generator=generator).to(neighbours.device)
+        return self.decode(self.ddim.sample(eps_fn, z_start.to(neighbours.device, neighbours.dtype)))

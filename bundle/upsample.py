@@ -81,33 +81,113 @@ def upsample_stack(stack: SaxStack, factor: int, predictor: MidpointPredictor = 
     return SaxStack(dense.numpy().transpose(2, 3, 0, 1), affine, meta)
 
 
-METHODS = {"linear": linear_midpoints}
+METHODS = ("calid", "linear")
 
 
-def get_predictor(method: str) -> MidpointPredictor:
-    if method not in METHODS:
-        raise SaxInputError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[method]
+def std_map_path(output_path) -> Path:
+    """Where ``--samples N`` writes the per-voxel standard deviation: ``OUT_std.nii.gz``."""
+    output_path = Path(output_path)
+    name = output_path.name
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    return output_path.with_name(name[: -len(suffix)] + "_std" + suffix)
 
 
 def upsample_file(
-    input_path, output_path, factor=2, method="linear", overwrite=False, preview_path=None, series_uid=None, phase=0
+    input_path,
+    output_path,
+    factor=2,
+    method="calid",
+    num_inference_steps=8,
+    refine=False,
+    samples=1,
+    seed=0,
+    device="auto",
+    weights_dir=None,
+    preview_path=None,
+    overwrite=False,
+    series_uid=None,
+    phase=0,
+    chunk_size=None,
+    precision="auto",
+    progress=True,
 ):
-    """Read, upsample, write atomically (and optionally a preview PNG); everything is checked
-    before anything is written. The CLI and the bundle's inference config both call this.
+    """Read, upsample, write atomically (and optionally a preview PNG and, with ``samples`` > 1,
+    the per-voxel standard deviation of the samples); everything is checked before anything
+    is written. The CLI and the bundle's inference config both call this.
     Returns (input stack, output stack, seconds)."""
-    bisection_levels(factor)
-    predictor = get_predictor(method)
+    levels = bisection_levels(factor)
+    if method not in METHODS:
+        raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    samples = int(samples)
+    if samples < 1:
+        raise SaxInputError(f"samples must be at least 1, got {samples}")
     check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
+    if samples > 1:
+        check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)
     if preview_path is not None and Path(preview_path).exists() and not overwrite:
         raise SaxInputError(f"{preview_path} exists; pass --overwrite to replace it")
     start = time.perf_counter()
     stack = read_sax(input_path, series_uid=series_uid)
-    dense = upsample_stack(stack, factor, predictor)
+    if method == "linear":
+        draws = [upsample_stack(stack, factor, linear_midpoints)]
+    else:
+        draws = _calid_draws(
+            stack,
+            factor,
+            levels,
+            num_inference_steps,
+            refine,
+            samples,
+            seed,
+            device,
+            weights_dir,
+            chunk_size,
+            precision,
+            progress,
+        )
+    dense = draws[0]
+    std = None
+    if len(draws) > 1:
+        arrays = np.stack([d.array for d in draws])
+        dense = SaxStack(arrays.mean(0), draws[0].affine, draws[0].meta)
+        dense.array[:, :, ::factor] = stack.array  # acquired slices stay exact
+        std = SaxStack(arrays.std(0), draws[0].affine, dict(draws[0].meta))
+        std.array[:, :, ::factor] = 0.0
     write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
+    if std is not None:
+        write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
     seconds = time.perf_counter() - start
     if preview_path is not None:
         from .preview import save_preview
 
         save_preview(stack, dense, preview_path, phase=phase)
     return stack, dense, seconds
+
+
+def _calid_draws(
+    stack, factor, levels, steps, refine, samples, seed, device, weights_dir, chunk_size, precision, progress
+):
+    """``samples`` upsampled stacks with the learned model (different noise per sample)."""
+    from tqdm.auto import tqdm
+
+    from .inference import LearnedMidpoints, load_model, resolve_device
+    from .transforms import SlicePreprocessor
+
+    device = resolve_device(device)
+    model = load_model(weights_dir, device=device)
+    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+    z, t = stack.shape[2], stack.shape[3]
+    per_gap = 1 if model.temporal else t
+    total = sum((z - 1) * 2**level * per_gap for level in range(levels)) * samples
+    chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
+    draws = []
+    with tqdm(total=total, desc="generating slices", unit="slice", disable=not progress) as bar:
+        for sample in range(samples):
+            predictor = LearnedMidpoints(
+                model, pre, num_steps=steps, refine=refine, seed=seed, sample=sample,
+                chunk_size=chunk_size, device=device, precision=precision, progress=bar,
+            )  # fmt: skip
+            draw = upsample_stack(stack, factor, predictor)
+            draw.meta.update(method="calid+" if refine else "calid", steps=steps, seed=seed, weights=model.source)
+            draws.append(draw)
+    return draws

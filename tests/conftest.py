@@ -35,3 +35,38 @@ def phantom_dir(tmp_path_factory):
         out, subjects=3, seed=1, progress=False, size=32, num_slices=5, num_phases=3, pixel_spacing=4.0
     )
     return out
+
+
+def write_tiny_weights(folder, spatial_dims=2, seed=0):
+    """Randomly initialised tiny-preset weights in the layout training writes (and models/
+    ships). The denoiser's zero-initialised convs are perturbed so that the conditioning and
+    the noise prediction are not identically zero."""
+    import torch
+
+    from bundle.engines import save_weights
+    from bundle.networks import build_autoencoder, build_denoiser, preset
+
+    torch.manual_seed(seed)
+    net = preset("tiny")
+    vae = build_autoencoder(
+        spatial_dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    )
+    denoiser = build_denoiser(spatial_dims, net)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(std=0.05)
+    info = {"preset": "tiny", "spatial_dims": spatial_dims, "net": net}
+    save_weights(vae, Path(folder) / "autoencoder.pt", {"stage": "autoencoder", **info})
+    save_weights(denoiser, Path(folder) / "diffusion.pt", {"stage": "diffusion", "latent_scale": 1.5, **info})
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_2d(tmp_path_factory):
+    return write_tiny_weights(tmp_path_factory.mktemp("weights2d"), spatial_dims=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_2dt(tmp_path_factory):
+    return write_tiny_weights(tmp_path_factory.mktemp("weights2dt"), spatial_dims=3)

@@ -32,6 +32,7 @@ def test_inference_workflow_runs_on_the_shipped_example(tmp_path):
         bundle_root=str(ROOT),
         output_path=str(out),
         factor=2,
+        method="linear",
     )
     workflow.initialize()
     workflow.run()

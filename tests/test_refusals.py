@@ -118,7 +118,7 @@ def test_refuses_existing_output_and_input_overwrite(tmp_path, capsys):
     assert run_cli("upsample", str(path), str(path), "--overwrite") == 2
     assert "over (or inside) the input" in capsys.readouterr().err
     assert nib.load(path).shape == (8, 8, 3)
-    main(["upsample", str(path), str(existing), "--overwrite"])
+    main(["upsample", str(path), str(existing), "--overwrite", "--method", "linear"])
     assert nib.load(existing).shape == (8, 8, 5)
 
 

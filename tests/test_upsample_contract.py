@@ -63,7 +63,9 @@ def test_bisect_equals_direct_linear_weights():
 def test_cli_upsample_sunnybrook(sunnybrook, tmp_path, capsys):
     study = sunnybrook / "SCD0000301" / "dicom"
     out = tmp_path / "dense.nii.gz"
-    main(["upsample", str(study), str(out), "--factor", "4", "--preview", str(tmp_path / "p.png")])
+    main(
+        ["upsample", str(study), str(out), "--factor", "4", "--method", "linear", "--preview", str(tmp_path / "p.png")]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stack = read_sax(study)
@@ -81,7 +83,7 @@ def test_cli_convert_then_upsample_nifti(tmp_path):
 
     write_series(tmp_path / "d")
     main(["convert", str(tmp_path / "d"), str(tmp_path / "s.nii.gz")])
-    main(["upsample", str(tmp_path / "s.nii.gz"), str(tmp_path / "x2.nii.gz"), "--factor", "2"])
+    main(["upsample", str(tmp_path / "s.nii.gz"), str(tmp_path / "x2.nii.gz"), "--factor", "2", "--method", "linear"])
     stack, dense = read_sax(tmp_path / "s.nii.gz"), read_sax(tmp_path / "x2.nii.gz")
     assert_contract(stack, dense, 2)
     assert nib.load(tmp_path / "x2.nii.gz").header.get_xyzt_units() == ("mm", "msec")

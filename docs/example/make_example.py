@@ -3,6 +3,9 @@
 other phase (10 of 20), to stay well under 2 MB.
 
     python docs/example/make_example.py ../shared/data/sunnybrook-scd/SCD0000301 docs/example/SCD0000301_heart.nii.gz
+
+Optional third and fourth arguments change the half-width of the crop (default 48 pixels) and
+the phase step (default 2), e.g. ``... 64 1`` for 128 x 128 crops with all phases.
 """
 
 import sys
@@ -20,18 +23,18 @@ def lv_centre(study: Path):
     return np.concatenate(points).mean(axis=0)  # (column, row) = (x, y) of our arrays
 
 
-def main(study, output):
-    study = Path(study)
+def main(study, output, half=HALF, phase_step=2):
+    study, half, phase_step = Path(study), int(half), int(phase_step)
     stack = read_sax(study / "dicom")
     cx, cy = np.round(lv_centre(study)).astype(int)
-    x0, y0 = max(0, cx - HALF), max(0, cy - HALF)
-    example = crop_inplane(stack, x0, x0 + 2 * HALF, y0, y0 + 2 * HALF, phases=list(range(0, stack.shape[3], 2)))
-    example.meta["descrip"] = (
-        f"SCD0000301 (Sunnybrook, CC0) crop x{x0}:{x0 + 2 * HALF} y{y0}:{y0 + 2 * HALF} even phases"
-    )
+    x0, y0 = max(0, cx - half), max(0, cy - half)
+    phases = list(range(0, stack.shape[3], phase_step))
+    example = crop_inplane(stack, x0, x0 + 2 * half, y0, y0 + 2 * half, phases=phases)
+    step = "even phases" if phase_step == 2 else f"phase step {phase_step}"
+    example.meta["descrip"] = f"{study.name} (Sunnybrook, CC0) crop x{x0}:{x0 + 2 * half} y{y0}:{y0 + 2 * half} {step}"
     write_nifti(example, output, overwrite=True, dtype=np.int16)
-    print(f"wrote {output}: shape {example.shape}, crop x {x0}:{x0 + 2 * HALF}, y {y0}:{y0 + 2 * HALF}")
+    print(f"wrote {output}: shape {example.shape}, crop x {x0}:{x0 + 2 * half}, y {y0}:{y0 + 2 * half}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:5])

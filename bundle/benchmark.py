@@ -1,0 +1,168 @@
+"""Benchmarks that print figures (no thresholds): training speed and parameter counts."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, PerceptualTerm, make_ema
+from .inference import resolve_device
+from .networks import build_autoencoder, build_denoiser, build_discriminator, count_parameters, preset
+from .sampling import make_noise_scheduler
+
+
+def _synthetic_batch(net, temporal, batch_size, device):
+    size = list(net["spatial_size"]) + ([net["num_frames"]] if temporal else [])
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(batch_size, 1, *size, generator=g).to(device),
+        "neighbours": torch.rand(batch_size, 2, *size, generator=g).to(device),
+    }
+
+
+def _time_iterations(trainer, batch, iterations, device):
+    trainer._iteration(trainer, batch)  # warm-up (allocations, cuDNN autotune)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        trainer.state.iteration += 1
+        trainer._iteration(trainer, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iterations
+
+
+def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=False, batch_size=None):
+    """Seconds per training iteration of both stages, and parameter counts, for a preset."""
+    device = resolve_device(device)
+    net = preset(preset_name)
+    batch_size = batch_size or net["batch_size"]
+    dims = 3 if temporal else 2
+    vae = build_autoencoder(
+        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    ).to(device)
+    disc = build_discriminator(dims, net["disc_channels"], net["disc_layers"]).to(device)
+    denoiser = build_denoiser(dims, net).to(device)
+    batch = _synthetic_batch(net, temporal, batch_size, device)
+    common = dict(device=device, max_epochs=1, train_data_loader=[batch], loss_function=torch.nn.L1Loss())
+    ae_trainer = AutoencoderTrainer(
+        network=vae,
+        optimizer=torch.optim.Adam(vae.parameters(), 1e-4),
+        discriminator=disc,
+        d_optimizer=torch.optim.Adam(disc.parameters(), 1e-4),
+        perceptual=PerceptualTerm().to(device),
+        ema=make_ema(vae),
+        **common,
+    )
+    ldm_trainer = LatentDiffusionTrainer(
+        network=denoiser,
+        optimizer=torch.optim.Adam(denoiser.parameters(), 1e-4),
+        autoencoder=vae,
+        noise_scheduler=make_noise_scheduler(),
+        latent_scale=LatentScale(),
+        ema=make_ema(denoiser),
+        **common,
+    )
+    result = {
+        "preset": preset_name,
+        "variant": "2D+T" if temporal else "2D",
+        "device": str(device),
+        "batch_size": batch_size,
+        "input_size": list(batch["image"].shape[2:]),
+        "vae_parameters": count_parameters(vae),
+        "discriminator_parameters": count_parameters(disc),
+        "denoiser_parameters": count_parameters(denoiser.unet),
+        "conditioning_parameters": count_parameters(denoiser.control),
+        "autoencoder_seconds_per_iteration": _time_iterations(ae_trainer, batch, iterations, device),
+        "diffusion_seconds_per_iteration": _time_iterations(ldm_trainer, batch, iterations, device),
+    }
+    return result
+
+
+def _random_model(preset_name, temporal, device):
+    """A CaLIDModel with random weights: speed and memory do not depend on the values."""
+    from .inference import CaLIDModel
+
+    net = preset(preset_name)
+    dims = 3 if temporal else 2
+    vae = build_autoencoder(
+        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    )
+    denoiser = build_denoiser(dims, net)
+    return CaLIDModel(vae.to(device).eval(), denoiser.to(device).eval(), 1.0, dims, net, None, f"random {preset_name}")
+
+
+def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision):
+    """Runs in a fresh process so that its peak memory is its own."""
+    import resource
+
+    from .inference import LearnedMidpoints, load_model
+    from .transforms import SlicePreprocessor
+    from .upsample import upsample_stack
+
+    torch.set_num_threads(torch.get_num_threads())
+    device = resolve_device(device_name)
+    weights, preset_name, temporal = model_spec
+    model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)
+    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+    predictor = LearnedMidpoints(model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    upsample_stack(stack, factor, predictor)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
+def inference_speed(
+    weights=None,
+    preset_name="cpu",
+    temporal=False,
+    slices=12,
+    phases=20,
+    size=256,
+    factor=4,
+    steps=8,
+    device="auto",
+    chunk_size=None,
+    loop=True,
+    precision="auto",
+):
+    """Wall time and peak memory to upsample a phantom cine, batched vs a per-slice loop."""
+    import multiprocessing
+
+    from .phantom import make_subject
+
+    device = resolve_device(device)
+    stack = make_subject(seed=0, size=size, num_slices=slices, num_phases=phases).sparse
+    generated = (slices - 1) * (factor - 1) * phases
+    chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
+    runs = [("batched", chunk_size)] + ([("per-slice loop", 1)] if loop else [])
+    context = multiprocessing.get_context("spawn")
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "model": weights or f"random {preset_name} ({'2D+T' if temporal else '2D'})",
+        "input": f"{slices} slices x {phases} phases x {size}x{size}",
+        "factor": factor,
+        "steps": steps,
+        "generated_slices": generated,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name, chunk in runs:
+        with context.Pool(1) as pool:
+            measured = pool.apply(
+                _upsample_once, ((weights, preset_name, temporal), stack, factor, steps, chunk, str(device), precision)
+            )
+        measured["chunk_size"] = chunk
+        measured["seconds_per_generated_slice"] = measured["seconds"] / generated
+        result[name] = measured
+    return result

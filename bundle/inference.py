@@ -1,0 +1,195 @@
+"""The learned midpoint predictor: trained weights -> a function the bisection engine calls.
+
+Each level's gaps (every gap of every phase) are generated in batched, memory-bounded chunks.
+Every generated slice draws its starting noise from its own seed (study seed, sample, level,
+gap, phase), so results do not depend on the chunk size: a batched run equals a slice-by-slice
+loop up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import cyclic_frames
+from .io import SaxInputError
+from .networks import build_autoencoder, build_denoiser
+from .sampling import SliceSampler
+from .transforms import SlicePreprocessor
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
+WEIGHT_FILES = ("autoencoder.pt", "autoencoder.json", "diffusion.pt", "diffusion.json")
+
+
+@dataclasses.dataclass
+class CaLIDModel:
+    autoencoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    latent_scale: float
+    spatial_dims: int
+    net: dict
+    model_spacing: float | None
+    source: str
+
+    @property
+    def temporal(self):
+        return self.spatial_dims == 3
+
+    @property
+    def size_multiple(self):
+        """Input sizes must divide by the VAE factor times the U-Net's downsampling."""
+        return self.denoiser.vae_factor * 2 ** (len(self.net["unet_channels"]) - 1)
+
+
+def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
+    """Load ``autoencoder.pt``/``.json`` and ``diffusion.pt``/``.json`` from ``weights_dir``
+    (default: the bundle's ``models/``). Errors name the file that is missing or does not fit."""
+    folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
+    missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise SaxInputError(
+            f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training) or pass "
+            f"--weights DIR with {', '.join(WEIGHT_FILES)}; --method linear needs no weights"
+        )
+    ae_info = json.loads((folder / "autoencoder.json").read_text())
+    info = json.loads((folder / "diffusion.json").read_text())
+    if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):
+        raise SaxInputError(f"{folder}: autoencoder.json and diffusion.json describe different VAEs")
+    net, dims = info["net"], int(info["spatial_dims"])
+    autoencoder = build_autoencoder(
+        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    )
+    denoiser = build_denoiser(dims, net)
+    for module, name in ((autoencoder, "autoencoder.pt"), (denoiser, "diffusion.pt")):
+        state = torch.load(folder / name, map_location="cpu", weights_only=True)
+        try:
+            module.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as e:
+            raise SaxInputError(
+                f"{folder / name} does not fit the network described in its JSON "
+                f"(preset {info.get('preset')}, spatial_dims {dims}): {str(e).splitlines()[0]}"
+            ) from e
+    if not info.get("latent_scale"):
+        raise SaxInputError(f"{folder / 'diffusion.json'} has no latent_scale")
+    return CaLIDModel(
+        autoencoder=autoencoder.to(device).eval(),
+        denoiser=denoiser.to(device).eval(),
+        latent_scale=float(info["latent_scale"]),
+        spatial_dims=dims,
+        net=net,
+        model_spacing=info.get("model_spacing"),
+        source=str(folder),
+    )
+
+
+def resolve_device(device="auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaxInputError("--device cuda requested but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def precision_context(device: torch.device, precision="auto"):
+    """CUDA: bf16 autocast where supported, else fp16. CPU: float32 unless precision='bf16'."""
+    if device.type == "cuda" and precision in ("auto", "bf16", "fp16"):
+        dtype = torch.bfloat16 if precision != "fp16" and torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def item_generator(*key) -> torch.Generator:
+    """A generator seeded from a tuple of integers (study seed, sample, level, gap, phase)."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class LearnedMidpoints:
+    """Midpoint predictor for :func:`bundle.upsample.bisect` backed by a :class:`CaLIDModel`.
+
+    ``left``/``right`` arrive as (gaps, phases, X, Y) in scanner intensities; the 2D model
+    generates every (gap, phase) slice, the 2D+T model every gap's whole cine at once.
+    """
+
+    def __init__(
+        self,
+        model: CaLIDModel,
+        preprocessor: SlicePreprocessor,
+        num_steps=8,
+        refine=False,
+        seed=0,
+        sample=0,
+        chunk_size=16,
+        device="cpu",
+        precision="auto",
+        progress=None,
+    ):
+        self.model = model
+        self.pre = preprocessor
+        self.sampler = SliceSampler(model.autoencoder, model.denoiser, model.latent_scale, num_steps=num_steps)
+        self.refine = refine
+        self.seed, self.sample = seed, sample
+        self.chunk_size = max(1, int(chunk_size))
+        self.device = torch.device(device)
+        self.precision = precision
+        self.progress = progress
+
+    def _to_network(self, slices):  # (B, X, Y[, T]) scanner -> (B, 1, H, W[, T']) network
+        if not self.model.temporal:
+            return self.pre.forward(slices[:, None])
+        b, x, y, t = slices.shape
+        frames = self.pre.forward(slices.permute(0, 3, 1, 2).reshape(b * t, 1, x, y))
+        cine = frames.reshape(b, t, *frames.shape[-2:]).permute(0, 2, 3, 1)
+        padded_t = math.ceil(t / self.model.size_multiple) * self.model.size_multiple
+        return cyclic_frames(cine, padded_t)[:, None]
+
+    def _from_network(self, pred, t=None):  # inverse of _to_network
+        if not self.model.temporal:
+            return self.pre.inverse(pred)[:, 0]
+        cine = pred[:, 0, ..., :t]  # (B, H, W, T)
+        b, h, w, _ = cine.shape
+        frames = self.pre.inverse(cine.permute(0, 3, 1, 2).reshape(b * t, 1, h, w))
+        return frames.reshape(b, t, *frames.shape[-2:]).permute(0, 2, 3, 1)
+
+    @torch.inference_mode()
+    def __call__(self, left, right, level):
+        gaps, phases, x, y = left.shape
+        if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
+            items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)
+            keys = [(k,) for k in range(gaps)]
+        else:  # items: every (gap, phase) slice
+            items_left, items_right = left.reshape(-1, x, y), right.reshape(-1, x, y)
+            keys = [(k, p) for k in range(gaps) for p in range(phases)]
+        outputs = []
+        for start in range(0, len(keys), self.chunk_size):
+            stop = min(start + self.chunk_size, len(keys))
+            a = self._to_network(items_left[start:stop].float())
+            b = self._to_network(items_right[start:stop].float())
+            neighbours = torch.cat([a, b], 1).to(self.device)
+            z_start = None
+            if not self.refine:
+                shape = self.sampler.latent_shape(neighbours)[1:]
+                z_start = torch.stack(
+                    [
+                        torch.randn(shape, generator=item_generator(self.seed, self.sample, level, *key))
+                        for key in keys[start:stop]
+                    ]
+                )
+            with precision_context(self.device, self.precision):
+                pred = self.sampler(neighbours, refine=self.refine, z_start=z_start)
+            outputs.append(self._from_network(pred.float().cpu(), t=phases))
+            if self.progress is not None:
+                self.progress.update(stop - start)
+        out = torch.cat(outputs)
+        if self.model.temporal:
+            return out.permute(0, 3, 1, 2).to(left.dtype)  # (gaps, phases, X, Y)
+        return out.reshape(gaps, phases, x, y).to(left.dtype)

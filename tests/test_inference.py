@@ -1,0 +1,135 @@
+"""Learned upsampling: output contract, batching, determinism, samples, weights errors."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_upsample_contract import assert_contract
+
+from bundle.cli import main
+from bundle.inference import LearnedMidpoints, load_model
+from bundle.io import SaxInputError, SaxStack, read_sax, write_nifti
+from bundle.transforms import SlicePreprocessor
+from bundle.upsample import bisect, std_map_path, upsample_file
+
+
+@pytest.fixture(scope="module")
+def small_stack(phantom_subject):
+    """An odd in-plane size (not a multiple of the network's) exercises the padding."""
+    s = phantom_subject.sparse
+    return SaxStack(s.array[1:31, 2:30, :4, :2], s.affine, dict(s.meta))
+
+
+def predictor(weights, stack, chunk_size, seed=0, refine=False, steps=2):
+    model = load_model(weights)
+    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+    return LearnedMidpoints(model, pre, num_steps=steps, refine=refine, seed=seed, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("weights", ["tiny_weights_2d", "tiny_weights_2dt"], ids=["2D", "2D+T"])
+def test_batched_equals_slice_by_slice(request, small_stack, weights):
+    weights = request.getfixturevalue(weights)
+    slices = torch.from_numpy(small_stack.array.transpose(2, 3, 0, 1).astype(np.float64))
+    batched = bisect(slices, 4, predictor(weights, small_stack, chunk_size=64))
+    looped = bisect(slices, 4, predictor(weights, small_stack, chunk_size=1))
+    torch.testing.assert_close(batched, looped, rtol=1e-4, atol=1e-2)  # scanner units: range about 0..1200
+    assert not torch.equal(batched[1], 0.5 * (slices[0] + slices[1]))  # it is not linear
+
+
+@pytest.mark.parametrize("weights", ["tiny_weights_2d", "tiny_weights_2dt"], ids=["2D", "2D+T"])
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_output_contract_4d(request, small_stack, tmp_path, weights, factor):
+    weights = request.getfixturevalue(weights)
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    stack, dense, _ = upsample_file(
+        tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", factor, weights_dir=weights, num_inference_steps=1
+    )
+    assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), factor)
+    assert np.isfinite(dense.array).all()
+
+
+@pytest.mark.parametrize("weights", ["tiny_weights_2d", "tiny_weights_2dt"], ids=["2D", "2D+T"])
+def test_output_contract_3d_input(request, small_stack, tmp_path, weights):
+    weights = request.getfixturevalue(weights)
+    three_d = SaxStack(small_stack.array[..., :1], small_stack.affine, {"was_3d": True})
+    write_nifti(three_d, tmp_path / "in.nii.gz")
+    upsample_file(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", 4, weights_dir=weights, num_inference_steps=1)
+    assert nib.load(tmp_path / "out.nii.gz").ndim == 3
+    assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), 4)
+
+
+def test_refine_meets_the_contract(small_stack, tmp_path, tiny_weights_2d):
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    upsample_file(
+        tmp_path / "in.nii.gz",
+        tmp_path / "o.nii.gz",
+        2,
+        weights_dir=tiny_weights_2d,
+        refine=True,
+        num_inference_steps=2,
+    )
+    assert_contract(small_stack, read_sax(tmp_path / "o.nii.gz"), 2)
+
+
+def test_seed_determinism_and_samples(small_stack, tmp_path, tiny_weights_2d):
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    run = dict(factor=2, weights_dir=tiny_weights_2d, num_inference_steps=2)
+    a = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", seed=1, **run)[1].array
+    b = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", seed=1, **run)[1].array
+    c = upsample_file(tmp_path / "in.nii.gz", tmp_path / "c.nii.gz", seed=2, **run)[1].array
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[:, :, 1::2], c[:, :, 1::2])
+    stack, mean, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "m.nii.gz", seed=1, samples=3, **run)
+    std_path = std_map_path(tmp_path / "m.nii.gz")
+    assert std_path.name == "m_std.nii.gz"
+    std = read_sax(std_path)
+    assert_contract(small_stack, read_sax(tmp_path / "m.nii.gz"), 2)
+    np.testing.assert_allclose(std.affine, mean.affine)
+    assert std.shape == mean.shape
+    assert np.all(std.array[:, :, ::2] == 0) and std.array[:, :, 1::2].max() > 0
+
+
+def test_missing_and_incompatible_weights(small_stack, tmp_path, tiny_weights_2d, capsys):
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    with pytest.raises(SaxInputError, match="missing autoencoder.pt"):
+        load_model(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_weights_2d, broken)
+    info = json.loads((broken / "diffusion.json").read_text())
+    info["net"]["unet_channels"] = [16, 48]
+    (broken / "diffusion.json").write_text(json.dumps(info))
+    with pytest.raises(SaxInputError, match="diffusion.pt does not fit the network"):
+        load_model(broken)
+    with pytest.raises(SystemExit):
+        main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), "--weights", str(tmp_path / "x")])
+    assert "no CaLID weights in" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_weights_2d):
+    from conftest import ROOT
+    from monai.bundle import ConfigWorkflow
+
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    main(
+        ["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "cli.nii.gz"), "--factor", "2",
+         "--weights", str(tiny_weights_2d), "--steps", "2", "--seed", "3", "--preview", str(tmp_path / "p.png")]
+    )  # fmt: skip
+    wf = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"),
+        workflow_type=None,
+        bundle_root=str(ROOT),
+        input_path=str(tmp_path / "in.nii.gz"),
+        output_path=str(tmp_path / "cfg.nii.gz"),
+        factor=2,
+        num_inference_steps=2,
+        seed=3,
+        weights_dir=str(tiny_weights_2d),
+    )
+    wf.initialize()
+    wf.run()
+    np.testing.assert_array_equal(read_sax(tmp_path / "cli.nii.gz").array, read_sax(tmp_path / "cfg.nii.gz").array)
+    assert (tmp_path / "p.png").stat().st_size > 500
