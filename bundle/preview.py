@@ -85,3 +85,74 @@ def save_preview(input_stack: SaxStack, output_stack: SaxStack, path, phase=0, m
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def plot_curves(series: dict, path, title="", x_label="iteration", size=(640, 360)):
+    """A line chart PNG: ``series`` maps a name to (x values, y values)."""
+    from PIL import ImageFont
+
+    width, height = size
+    left, right, top, bottom = 60, 150, 28, 36
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    xs = [x for xv, _ in series.values() for x in xv]
+    ys = [y for _, yv in series.values() for y in yv if np.isfinite(y)]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def to_px(x, y):
+        px = left + (x - x0) / (x1 - x0) * (width - left - right)
+        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for frac in (0, 0.5, 1):
+        y = y0 + frac * (y1 - y0)
+        draw.text((4, to_px(x0, y)[1] - 6), f"{y:.3g}", fill="black", font=font)
+        x = x0 + frac * (x1 - x0)
+        draw.text((to_px(x, y0)[0] - 10, height - bottom + 4), f"{x:.0f}", fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
+    draw.text(((width - right) // 2, height - 14), x_label, fill="black", font=font)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    for i, (name, (xv, yv)) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        points = [to_px(x, y) for x, y in zip(xv, yv) if np.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((width - right + 8, top + 14 * i), name, fill=colour, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def plot_training_logs(run_dirs, path, title=""):
+    """Plot the loss of each training run folder (``train_log.csv``) and the validation PSNR
+    against linear (``validation.csv``) side by side."""
+    import csv
+
+    def read(csv_path):
+        with open(csv_path) as f:
+            return list(csv.DictReader(f))
+
+    losses, psnr = {}, {}
+    for run in run_dirs:
+        run = Path(run)
+        rows = read(run / "train_log.csv")
+        losses[f"{run.name} loss"] = ([float(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows])
+        if (run / "validation.csv").exists():
+            rows = read(run / "validation.csv")
+            it = [float(r["iteration"]) for r in rows]
+            psnr[f"{run.name} PSNR"] = (it, [float(r["val_psnr"]) for r in rows])
+            psnr["linear PSNR"] = (it, [float(r["val_psnr_linear"]) for r in rows])
+    a = plot_curves(losses, Path(path).with_suffix(".loss.png"), title=f"{title} training loss")
+    b = plot_curves(psnr, Path(path).with_suffix(".val.png"), title=f"{title} validation PSNR (dB)")
+    images = [Image.open(a), Image.open(b)]
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    canvas.paste(images[0], (0, 0))
+    canvas.paste(images[1], (images[0].width, 0))
+    canvas.save(path)
+    a.unlink()
+    b.unlink()
+    return Path(path)

@@ -15,9 +15,12 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def make_noise_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """The training noise schedule (scaled-linear betas, as in latent diffusion)."""
+    """The training noise schedule: scaled-linear betas 0.00085 -> 0.012, as in latent diffusion.
+    Its last alpha_bar is 0.0047; with beta_end 0.0195 it is 0.00014, and a few-step DDIM's
+    first clean estimate (divided by sqrt(alpha_bar)) amplifies noise-prediction errors 84x
+    instead of 15x (measured on the H200 short run: 2-step validation near 7 dB PSNR)."""
     return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195
+        num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=0.00085, beta_end=0.012
     )
 
 

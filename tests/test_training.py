@@ -195,3 +195,26 @@ def test_two_d_plus_t_variant_by_config(phantom_dir, tmp_path):
     )
     wf.run()
     assert (ldm_out / "diffusion.pt").is_file()
+
+
+def test_perceptual_term_loads_local_alexnet_weights_and_falls_back(tmp_path, caplog, monkeypatch):
+    """The real LPIPS loading code, fed a local AlexNet state dict (random values here: none
+    can be downloaded), and the offline fallback, which says so in the log."""
+    import torchvision
+
+    from bundle.engines import PerceptualTerm
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty hub cache
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    lpips_term = PerceptualTerm(weights_path=weights)
+    assert lpips_term.kind == "lpips"
+    backbone = torch.load(weights, weights_only=True)
+    torch.testing.assert_close(lpips_term.lpips.net.slice1[0].weight, backbone["features.0.weight"])
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    assert lpips_term(a, a).item() == pytest.approx(0.0, abs=1e-6) and lpips_term(a, b).item() > 0
+    with caplog.at_level("WARNING"):
+        fallback = PerceptualTerm(weights_path=tmp_path / "missing.pth")
+    assert fallback.kind == "ssim" and "using 1 - SSIM instead" in caplog.text
+    assert fallback(a, a).item() == pytest.approx(0.0, abs=1e-5) and fallback(a, b).item() > 0.5
+    assert PerceptualTerm(weights_path=tmp_path / "missing.pth", fallback="none")(a, b).item() == 0.0
