@@ -8,7 +8,7 @@ import torch
 
 from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, PerceptualTerm, make_ema
 from .inference import resolve_device
-from .networks import build_autoencoder, build_denoiser, build_discriminator, count_parameters, preset
+from .networks import build_discriminator, build_networks, count_parameters, preset
 from .sampling import make_noise_scheduler
 
 
@@ -40,13 +40,10 @@ def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=Fals
     net = preset(preset_name)
     batch_size = batch_size or net["batch_size"]
     dims = 3 if temporal else 2
-    vae = build_autoencoder(
-        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    ).to(device)
+    vae, denoiser = (module.to(device) for module in build_networks(dims, net))
     disc = build_discriminator(dims, net["disc_channels"], net["disc_layers"]).to(device)
-    denoiser = build_denoiser(dims, net).to(device)
     batch = _synthetic_batch(net, temporal, batch_size, device)
-    common = dict(device=device, max_epochs=1, train_data_loader=[batch], loss_function=torch.nn.L1Loss())
+    common = dict(device=device, max_epochs=1, train_data_loader=[batch])
     ae_trainer = AutoencoderTrainer(
         network=vae,
         optimizer=torch.optim.Adam(vae.parameters(), 1e-4),
@@ -87,10 +84,7 @@ def _random_model(preset_name, temporal, device):
 
     net = preset(preset_name)
     dims = 3 if temporal else 2
-    vae = build_autoencoder(
-        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    )
-    denoiser = build_denoiser(dims, net)
+    vae, denoiser = build_networks(dims, net)
     return CaLIDModel(vae.to(device).eval(), denoiser.to(device).eval(), 1.0, dims, net, None, f"random {preset_name}")
 
 
@@ -102,7 +96,6 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
     from .transforms import SlicePreprocessor
     from .upsample import upsample_stack
 
-    torch.set_num_threads(torch.get_num_threads())
     device = resolve_device(device_name)
     weights, preset_name, temporal = model_spec
     model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)

@@ -187,6 +187,7 @@ class _CaLIDTrainer(SupervisedTrainer):
     def __init__(self, *args, ema=None, grad_clip=1.0, amp=True, **kwargs):
         device = torch.device(kwargs.get("device", "cpu"))
         kwargs.setdefault("decollate", False)
+        kwargs.setdefault("loss_function", None)  # each stage computes its own losses
         super().__init__(*args, amp=False, **kwargs)  # AMP is handled here, per device
         self.device = device
         self.use_amp = amp and device.type == "cuda"

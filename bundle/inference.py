@@ -19,7 +19,7 @@ import torch
 
 from .data import cyclic_frames
 from .io import SaxInputError
-from .networks import build_autoencoder, build_denoiser
+from .networks import build_networks
 from .sampling import SliceSampler
 from .transforms import SlicePreprocessor
 
@@ -62,10 +62,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):
         raise SaxInputError(f"{folder}: autoencoder.json and diffusion.json describe different VAEs")
     net, dims = info["net"], int(info["spatial_dims"])
-    autoencoder = build_autoencoder(
-        dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    )
-    denoiser = build_denoiser(dims, net)
+    autoencoder, denoiser = build_networks(dims, net)
     for module, name in ((autoencoder, "autoencoder.pt"), (denoiser, "diffusion.pt")):
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         try:

@@ -174,6 +174,14 @@ def build_denoiser(spatial_dims, net: dict):
     )
 
 
+def build_networks(spatial_dims, net: dict):
+    """The VAE and the conditioned denoiser described by a preset-style ``net`` dict."""
+    autoencoder = build_autoencoder(
+        spatial_dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    )
+    return autoencoder, build_denoiser(spatial_dims, net)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

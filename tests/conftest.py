@@ -44,14 +44,11 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0):
     import torch
 
     from bundle.engines import save_weights
-    from bundle.networks import build_autoencoder, build_denoiser, preset
+    from bundle.networks import build_networks, preset
 
     torch.manual_seed(seed)
     net = preset("tiny")
-    vae = build_autoencoder(
-        spatial_dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    )
-    denoiser = build_denoiser(spatial_dims, net)
+    vae, denoiser = build_networks(spatial_dims, net)
     with torch.no_grad():
         for p in denoiser.parameters():
             if p.dim() > 1 and torch.count_nonzero(p) == 0:

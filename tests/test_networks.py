@@ -3,17 +3,14 @@
 import pytest
 import torch
 
-from bundle.networks import PRESETS, build_autoencoder, build_denoiser, count_parameters, preset
+from bundle.networks import PRESETS, build_autoencoder, build_denoiser, build_networks, count_parameters, preset
 
 CASES = [(2, (32, 32)), (3, (32, 32, 8))]
 
 
 def tiny_networks(spatial_dims):
     net = preset("tiny")
-    vae = build_autoencoder(
-        spatial_dims, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    )
-    return net, vae, build_denoiser(spatial_dims, net)
+    return (net, *build_networks(spatial_dims, net))
 
 
 @pytest.mark.parametrize("spatial_dims,size", CASES, ids=["2D", "2D+T"])
