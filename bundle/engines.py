@@ -280,28 +280,36 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
     """Stage 2: the frozen VAE encodes s(n); the conditioned denoiser learns the noise added at a
     random timestep, given the noisy latent and the two neighbours (image space)."""
 
-    def __init__(self, *args, autoencoder, noise_scheduler, latent_scale: LatentScale, **kwargs):
+    def __init__(self, *args, autoencoder, noise_scheduler, latent_scale: LatentScale, prediction="epsilon", **kwargs):
+        from .sampling import PREDICTIONS
+
         super().__init__(*args, **kwargs)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.noise_scheduler = noise_scheduler
         self.latent_scale = latent_scale
+        self.prediction = prediction
 
     def _iteration(self, engine, batchdata):
         image = as_device_tensor(batchdata["image"], self.device)
         neighbours = as_device_tensor(batchdata["neighbours"], self.device)
         with torch.no_grad():
             z0 = self.autoencoder.encode(image)[0].float()
+            if self.prediction == "residual":  # the correction to the latent of the linear blend
+                z0 = z0 - self.autoencoder.encode(neighbours.mean(1, keepdim=True))[0].float()
             if self.latent_scale.value is None:  # first batch of a fresh run
                 self.latent_scale.value = float(1.0 / z0.std().clamp_min(1e-6))
-                logger.info("latent scale factor 1/std(z) = %.5f", self.latent_scale.value)
+                logger.info("latent scale factor 1/std(target) = %.5f", self.latent_scale.value)
             z0 = z0 * self.latent_scale.value
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (z0.shape[0],), device=self.device)
         z_t = self.noise_scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
         self.network.train()
         with amp_context(self.device, self.use_amp):
-            eps = self.network(z_t, timesteps, neighbours)
-            loss = F.mse_loss(eps.float(), noise)
+            out = self.network(z_t, timesteps, neighbours)
+            # epsilon: the noise; residual: the clean correction itself (zero at initialisation)
+            loss = F.mse_loss(out.float(), z0 if self.prediction == "residual" else noise)
         self._backward_step(loss, self.network, self.optimizer)
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.network))
@@ -338,8 +346,10 @@ def attach_checkpointing(trainer, checkpoint_dir, objects: dict, every_iteration
     return saver
 
 
-def resume_latest(checkpoint_dir, objects: dict):
-    """Load the newest checkpoint into ``objects`` if there is one (before ``trainer.run()``)."""
+def resume_latest(checkpoint_dir, objects: dict, max_epochs=None):
+    """Load the newest checkpoint into ``objects`` if there is one (before ``trainer.run()``).
+    ``max_epochs`` (the run's setting) replaces the one saved in the checkpoint, so that a
+    resumed run can be given more, or fewer, epochs."""
     from ignite.handlers import Checkpoint
 
     path = latest_checkpoint(checkpoint_dir)
@@ -348,6 +358,8 @@ def resume_latest(checkpoint_dir, objects: dict):
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
     Checkpoint.load_objects(to_load=objects, checkpoint=state)
+    if max_epochs is not None and "trainer" in objects:
+        objects["trainer"].state.max_epochs = int(max_epochs)
     logger.info("resumed from %s", path)
     return path
 
@@ -457,7 +469,7 @@ def reconstruction_predictor(autoencoder):
     return predict
 
 
-def sampler_predictor(autoencoder, ema, latent_scale: LatentScale, num_steps=2, seed=0):
+def sampler_predictor(autoencoder, ema, latent_scale: LatentScale, num_steps=8, seed=0, prediction="epsilon"):
     """Stage 2 validation: DDIM from seeded noise with the EMA denoiser, neighbours only."""
     from .sampling import SliceSampler
 
@@ -465,7 +477,8 @@ def sampler_predictor(autoencoder, ema, latent_scale: LatentScale, num_steps=2, 
         generator = torch.Generator().manual_seed(seed)
         denoiser = ema.module.eval()
         scale = latent_scale.value if latent_scale.value is not None else 1.0
-        return SliceSampler(autoencoder.eval(), denoiser, scale, num_steps=num_steps)(neighbours, generator=generator)
+        sampler = SliceSampler(autoencoder.eval(), denoiser, scale, num_steps=num_steps, prediction=prediction)
+        return sampler(neighbours, generator=generator)
 
     return predict
 

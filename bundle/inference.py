@@ -36,6 +36,7 @@ class CaLIDModel:
     net: dict
     model_spacing: float | None
     source: str
+    prediction: str = "epsilon"
 
     @property
     def temporal(self):
@@ -82,6 +83,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         net=net,
         model_spacing=info.get("model_spacing"),
         source=str(folder),
+        prediction=info.get("prediction", "epsilon"),
     )
 
 
@@ -132,7 +134,9 @@ class LearnedMidpoints:
     ):
         self.model = model
         self.pre = preprocessor
-        self.sampler = SliceSampler(model.autoencoder, model.denoiser, model.latent_scale, num_steps=num_steps)
+        self.sampler = SliceSampler(
+            model.autoencoder, model.denoiser, model.latent_scale, num_steps=num_steps, prediction=model.prediction
+        )
         self.refine = refine
         self.seed, self.sample = seed, sample
         self.chunk_size = max(1, int(chunk_size))

@@ -54,6 +54,11 @@ class DDIM:
         x0 = (z_prev - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
         return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
 
+    def eps_from_x0(self, z_t, x0, t):
+        """The noise implied by a clean-latent prediction at t (for x0-predicting networks)."""
+        a_t = self.alpha(t)
+        return (z_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+
     def sample(self, eps_fn, z_start):
         """Denoise from ``z_start`` at ``timesteps[0]``; ``eps_fn(z, t)`` predicts the noise."""
         z = z_start
@@ -84,18 +89,30 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5, eps: float = 1e-
     return (wa.view(shape) * a.double() + wb.view(shape) * b.double()).to(a.dtype)
 
 
+PREDICTIONS = ("epsilon", "residual")
+
+
 class SliceSampler:
     """Predict middle slices from their neighbours with a VAE and a conditioned denoiser.
 
     ``neighbours`` are (N, 2, H, W[, T]) in network intensity scale; returns (N, 1, H, W[, T]).
     ``refine`` (CaLID+) starts from the slerp of the neighbours' DDIM-inverted latents, inverted
     with the same conditioning; otherwise from seeded Gaussian noise.
+
+    ``prediction``: ``"epsilon"`` (the paper: the denoiser predicts the noise of the middle
+    slice's latent) or ``"residual"`` (a correction to linear interpolation: the denoiser
+    predicts the clean latent *difference* r = z(s(n)) - z(blend), blend the mean of the
+    neighbours, and the slice is ``blend + D(z(blend) + r) - D(z(blend))``, so that errors the
+    VAE makes on both cancel; a zero-initialised output gives linear interpolation exactly).
     """
 
-    def __init__(self, autoencoder, denoiser, scale_factor, num_steps=8, alphas_cumprod=None):
+    def __init__(self, autoencoder, denoiser, scale_factor, num_steps=8, alphas_cumprod=None, prediction="epsilon"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.autoencoder = autoencoder
         self.denoiser = denoiser
         self.scale_factor = float(scale_factor)
+        self.prediction = prediction
         if alphas_cumprod is None:
             alphas_cumprod = make_noise_scheduler().alphas_cumprod
         self.ddim = DDIM(alphas_cumprod, num_steps)
@@ -103,7 +120,8 @@ class SliceSampler:
     def _eps_fn(self, neighbours):
         def eps(z, t):
             timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            return self.denoiser(z, timesteps, neighbours)
+            out = self.denoiser(z, timesteps, neighbours)
+            return self.ddim.eps_from_x0(z, out, t) if self.prediction == "residual" else out
 
         return eps
 
@@ -122,10 +140,17 @@ class SliceSampler:
         """``z_start`` (per-item noise) makes results independent of batching; without it,
         noise is drawn from ``generator``."""
         eps_fn = self._eps_fn(neighbours)
+        blend, base = None, 0.0
+        if self.prediction == "residual":
+            blend = neighbours.mean(1, keepdim=True)
+            base = self.encode(blend)
         if refine:
-            left = self.encode(neighbours[:, :1])
-            right = self.encode(neighbours[:, 1:])
+            left = self.encode(neighbours[:, :1]) - base
+            right = self.encode(neighbours[:, 1:]) - base
             z_start = slerp(self.ddim.invert(eps_fn, left), self.ddim.invert(eps_fn, right), 0.5)
         elif z_start is None:
             z_start = torch.randn(self.latent_shape(neighbours), generator=generator).to(neighbours.device)
-        return self.decode(self.ddim.sample(eps_fn, z_start.to(neighbours.device, neighbours.dtype)))
+        z0 = self.ddim.sample(eps_fn, z_start.to(neighbours.device, neighbours.dtype))
+        if self.prediction == "residual":
+            return blend + self.decode(base + z0) - self.decode(base)
+        return self.decode(z0)

@@ -37,7 +37,7 @@ def phantom_dir(tmp_path_factory):
     return out
 
 
-def write_tiny_weights(folder, spatial_dims=2, seed=0):
+def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", perturb=True):
     """Randomly initialised tiny-preset weights in the layout training writes (and models/
     ships). The denoiser's zero-initialised convs are perturbed so that the conditioning and
     the noise prediction are not identically zero."""
@@ -51,11 +51,12 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0):
     vae, denoiser = build_networks(spatial_dims, net)
     with torch.no_grad():
         for p in denoiser.parameters():
-            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+            if perturb and p.dim() > 1 and torch.count_nonzero(p) == 0:
                 p.normal_(std=0.05)
     info = {"preset": "tiny", "spatial_dims": spatial_dims, "net": net}
     save_weights(vae, Path(folder) / "autoencoder.pt", {"stage": "autoencoder", **info})
-    save_weights(denoiser, Path(folder) / "diffusion.pt", {"stage": "diffusion", "latent_scale": 1.5, **info})
+    extra = {"stage": "diffusion", "latent_scale": 1.5, "prediction": prediction, **info}
+    save_weights(denoiser, Path(folder) / "diffusion.pt", extra)
     return Path(folder)
 
 

@@ -133,3 +133,15 @@ def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_wei
     wf.run()
     np.testing.assert_array_equal(read_sax(tmp_path / "cli.nii.gz").array, read_sax(tmp_path / "cfg.nii.gz").array)
     assert (tmp_path / "p.png").stat().st_size > 500
+
+
+def test_untrained_residual_model_upsamples_as_linear(small_stack, tmp_path):
+    """Through the whole pipeline (scaling, padding, bisection), a residual model whose output
+    conv is still zero reproduces linear interpolation."""
+    from conftest import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    _, learned, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", 4, weights_dir=weights)
+    _, linear, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", 4, method="linear")
+    np.testing.assert_allclose(learned.array, linear.array, rtol=0, atol=1e-3)

@@ -101,3 +101,26 @@ def test_slerp():
     assert torch.isfinite(slerp(x, y)).all()
     torch.testing.assert_close(slerp(x, y, 0.0), x)
     torch.testing.assert_close(slerp(x, y, 1.0), y)
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_residual_prediction_starts_exactly_at_linear(refine):
+    """A freshly initialised residual model (zero output conv) predicts the linear blend."""
+    from bundle.networks import build_networks, preset
+    from bundle.sampling import SliceSampler
+
+    torch.manual_seed(0)
+    vae, denoiser = build_networks(2, preset("tiny"))
+    neighbours = torch.rand(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    sampler = SliceSampler(vae.eval(), denoiser.eval(), 1.3, num_steps=4, prediction="residual")
+    out = sampler(neighbours, refine=refine, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, neighbours.mean(1, keepdim=True), rtol=0, atol=1e-6)
+    epsilon_model = SliceSampler(vae.eval(), denoiser.eval(), 1.3, num_steps=4)
+    assert (epsilon_model(neighbours) - neighbours.mean(1, keepdim=True)).abs().max() > 0.1  # not so for epsilon
+
+
+def test_unknown_prediction():
+    from bundle.sampling import SliceSampler
+
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        SliceSampler(None, None, 1.0, prediction="velocity")

@@ -131,9 +131,9 @@ def test_kill_and_resume(phantom_dir, tmp_path):
 
     wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(out), max_epochs=1000)
     objects = wf.parser.get_parsed_content("checkpoint_objects")
-    assert resume_latest(out / "checkpoints", objects) == path
+    assert resume_latest(out / "checkpoints", objects, max_epochs=1200) == path
     trainer = objects["trainer"]
-    assert trainer.state.iteration == n
+    assert trainer.state.iteration == n and trainer.state.max_epochs == 1200  # the run's setting wins
     for key, value in saved["network"].items():
         torch.testing.assert_close(objects["network"].state_dict()[key], value, rtol=0, atol=0)
     opt_state = objects["optimizer"].state_dict()
@@ -218,3 +218,30 @@ def test_perceptual_term_loads_local_alexnet_weights_and_falls_back(tmp_path, ca
     assert fallback.kind == "ssim" and "using 1 - SSIM instead" in caplog.text
     assert fallback(a, a).item() == pytest.approx(0.0, abs=1e-5) and fallback(a, b).item() > 0.5
     assert PerceptualTerm(weights_path=tmp_path / "missing.pth", fallback="none")(a, b).item() == 0.0
+
+
+def test_residual_diffusion_stage(phantom_dir, trained_autoencoder, tmp_path):
+    import json
+
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(tmp_path / "run"),
+        autoencoder_dir=str(trained_autoencoder),
+        prediction="residual",
+        lr=3e-3,
+        warmup_iterations=1,
+    )
+    losses = overfit_losses(wf, iterations=40)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(tmp_path / "full"),
+        autoencoder_dir=str(trained_autoencoder),
+        prediction="residual",
+        max_epochs=1,
+    )
+    wf.run()
+    info = json.loads((tmp_path / "full" / "diffusion.json").read_text())
+    assert info["prediction"] == "residual"
