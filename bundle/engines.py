@@ -439,6 +439,9 @@ class InterpolationValidator:
         return result
 
     def __call__(self, engine):
+        if len(self.dataset) == 0:
+            logger.warning("validation skipped: no validation studies (set val_studies or val_fraction)")
+            return
         result = self.evaluate()
         engine.state.metrics.update(result)
         logger.info(

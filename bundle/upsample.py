@@ -14,6 +14,7 @@ exactly linear interpolation); the learned model plugs in the same way.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from .io import SaxInputError, SaxStack, check_output_path, read_sax, write_nifti
+
+logger = logging.getLogger(__name__)
 
 # predictor(left, right, level) -> middle; tensors (N, T, X, Y) with N gaps, T phases.
 MidpointPredictor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -32,7 +35,7 @@ def bisection_levels(factor) -> int:
     try:
         f = int(factor)
     except (TypeError, ValueError):
-        raise SaxInputError(f"factor must be a power of two (2, 4, 8, ...), got {factor!r}") from None
+        raise SaxInputError(f"factor must be a power of two (1, 2, 4, 8, ...), got {factor!r}") from None
     if f != factor or f < 1 or f & (f - 1):
         raise SaxInputError(
             f"factor must be a power of two (1, 2, 4, 8, ...), got {factor!r}; other factors are not supported yet"
@@ -44,7 +47,7 @@ def linear_midpoints(left: torch.Tensor, right: torch.Tensor, level: int) -> tor
     return 0.5 * (left + right)
 
 
-def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor, progress=None) -> torch.Tensor:
+def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor) -> torch.Tensor:
     """Upsample ``slices`` (Z, T, X, Y) to ((Z - 1) * factor + 1, T, X, Y) by repeated bisection.
 
     At each level every gap is predicted in one call, using the slices of previous levels as
@@ -62,8 +65,6 @@ def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor, prog
         out[0::2] = current
         out[1::2] = middles.to(current.dtype)
         current = out
-        if progress is not None:
-            progress.update(1)
     return current
 
 
@@ -175,6 +176,8 @@ def _calid_draws(
 
     device = resolve_device(device)
     model = load_model(weights_dir, device=device)
+    if refine and samples > 1:
+        logger.warning("--refine starts every sample from the same inverted latents: the samples are identical")
     pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
     z, t = stack.shape[2], stack.shape[3]
     per_gap = 1 if model.temporal else t

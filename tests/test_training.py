@@ -245,3 +245,15 @@ def test_residual_diffusion_stage(phantom_dir, trained_autoencoder, tmp_path):
     wf.run()
     info = json.loads((tmp_path / "full" / "diffusion.json").read_text())
     assert info["prediction"] == "residual"
+
+
+def test_validation_without_validation_studies_is_skipped(tmp_path, caplog):
+    from ignite.engine import Engine
+
+    from bundle.engines import InterpolationValidator
+
+    validator = InterpolationValidator([], predictor=None, output_dir=tmp_path)
+    engine = Engine(lambda e, b: None)
+    with caplog.at_level("WARNING"):
+        validator(engine)
+    assert "validation skipped" in caplog.text and not (tmp_path / "validation.csv").exists()
