@@ -161,15 +161,20 @@ class LearnedMidpoints:
         frames = self.pre.inverse(cine.permute(0, 3, 1, 2).reshape(b * t, 1, h, w))
         return frames.reshape(b, t, *frames.shape[-2:]).permute(0, 2, 3, 1)
 
+    @property
+    def needs_all_phases(self):
+        """The 2D+T model generates whole cines: the bisection must not split the phases."""
+        return self.model.temporal
+
     @torch.inference_mode()
-    def __call__(self, left, right, level):
+    def __call__(self, left, right, level, phase_offset=0):
         gaps, phases, x, y = left.shape
         if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
             items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)
             keys = [(k,) for k in range(gaps)]
         else:  # items: every (gap, phase) slice
             items_left, items_right = left.reshape(-1, x, y), right.reshape(-1, x, y)
-            keys = [(k, p) for k in range(gaps) for p in range(phases)]
+            keys = [(k, phase_offset + p) for k in range(gaps) for p in range(phases)]
         outputs = []
         for start in range(0, len(keys), self.chunk_size):
             stop = min(start + self.chunk_size, len(keys))

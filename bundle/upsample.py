@@ -26,8 +26,8 @@ from .io import SaxInputError, SaxStack, check_output_path, read_sax, write_nift
 
 logger = logging.getLogger(__name__)
 
-# predictor(left, right, level) -> middle; tensors (N, T, X, Y) with N gaps, T phases.
-MidpointPredictor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# predictor(left, right, level, phase_offset=0) -> middle; tensors (N, T, X, Y): N gaps, T phases.
+MidpointPredictor = Callable[..., torch.Tensor]
 
 
 def bisection_levels(factor) -> int:
@@ -43,20 +43,21 @@ def bisection_levels(factor) -> int:
     return f.bit_length() - 1
 
 
-def linear_midpoints(left: torch.Tensor, right: torch.Tensor, level: int) -> torch.Tensor:
+def linear_midpoints(left: torch.Tensor, right: torch.Tensor, level: int, phase_offset: int = 0) -> torch.Tensor:
     return 0.5 * (left + right)
 
 
-def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor) -> torch.Tensor:
+def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor, phase_offset: int = 0) -> torch.Tensor:
     """Upsample ``slices`` (Z, T, X, Y) to ((Z - 1) * factor + 1, T, X, Y) by repeated bisection.
 
     At each level every gap is predicted in one call, using the slices of previous levels as
-    neighbours; known slices are copied, never regenerated.
+    neighbours; known slices are copied, never regenerated. ``phase_offset`` is the index of
+    the first phase of ``slices`` in the study (predictors that seed per phase need it).
     """
     levels = bisection_levels(factor)
     current = slices
     for level in range(levels):
-        middles = predictor(current[:-1], current[1:], level)
+        middles = predictor(current[:-1], current[1:], level, phase_offset=phase_offset)
         if middles.shape != current[:-1].shape:
             raise RuntimeError(
                 f"midpoint predictor returned {tuple(middles.shape)}, expected {tuple(current[:-1].shape)}"
@@ -68,18 +69,39 @@ def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor) -> t
     return current
 
 
-def upsample_stack(stack: SaxStack, factor: int, predictor: MidpointPredictor = linear_midpoints) -> SaxStack:
-    """Apply the bisection engine to a :class:`SaxStack`, meeting the output contract."""
+def phases_per_chunk(shape, factor, memory_budget_mb=None):
+    """How many phases to bisect at once so that the float64 working arrays (about three
+    output-sized copies per phase) stay within ``memory_budget_mb``; all phases without one."""
+    x, y, z, t = shape
+    if memory_budget_mb is None:
+        return t
+    per_phase = 3 * x * y * ((z - 1) * factor + 1) * 8
+    return int(min(t, max(1, memory_budget_mb * 2**20 // per_phase)))
+
+
+def upsample_stack(
+    stack: SaxStack, factor: int, predictor: MidpointPredictor = linear_midpoints, phase_chunk=None, out=None
+) -> SaxStack:
+    """Apply the bisection engine to a :class:`SaxStack`, meeting the output contract.
+
+    Phases are bisected ``phase_chunk`` at a time (all at once by default; always all at once
+    for predictors with ``needs_all_phases``, the 2D+T model); the result is float32, written
+    into ``out`` if given (e.g. a memory map)."""
     bisection_levels(factor)
     stack.validate()
-    # float64 keeps the acquired values exact for any input dtype; written as float32 later.
-    slices = torch.from_numpy(np.ascontiguousarray(stack.array.transpose(2, 3, 0, 1), dtype=np.float64))
-    dense = bisect(slices, factor, predictor)
+    x, y, z, t = stack.shape
+    dense = out if out is not None else np.empty((x, y, (z - 1) * factor + 1, t), dtype=np.float32)
+    group = t if phase_chunk is None or getattr(predictor, "needs_all_phases", False) else max(1, int(phase_chunk))
+    for first in range(0, t, group):
+        # float64 keeps the acquired values exact for any input dtype
+        part = np.ascontiguousarray(stack.array[:, :, :, first : first + group].transpose(2, 3, 0, 1), dtype=np.float64)
+        result = bisect(torch.from_numpy(part), factor, predictor, phase_offset=first)
+        dense[:, :, :, first : first + group] = result.numpy().transpose(2, 3, 0, 1)
     affine = stack.affine.copy()
     affine[:3, 2] = stack.affine[:3, 2] / factor
     meta = copy.deepcopy(stack.meta)
     meta["factor"] = int(factor)
-    return SaxStack(dense.numpy().transpose(2, 3, 0, 1), affine, meta)
+    return SaxStack(dense, affine, meta)
 
 
 METHODS = ("calid", "linear")
@@ -111,10 +133,14 @@ def upsample_file(
     chunk_size=None,
     precision="auto",
     progress=True,
+    memory_budget_mb=None,
 ):
     """Read, upsample, write atomically (and optionally a preview PNG and, with ``samples`` > 1,
     the per-voxel standard deviation of the samples); everything is checked before anything
-    is written. The CLI and the bundle's inference config both call this.
+    is written. The CLI, the bundle's inference config and batch upsampling all call this.
+
+    ``memory_budget_mb`` bounds the working memory: phases are bisected in groups that fit, and
+    output-sized arrays that would not fit live in memory maps beside the output.
     Returns (input stack, output stack, seconds)."""
     levels = bisection_levels(factor)
     if method not in METHODS:
@@ -122,7 +148,7 @@ def upsample_file(
     samples = int(samples)
     if samples < 1:
         raise SaxInputError(f"samples must be at least 1, got {samples}")
-    check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
+    output_path = check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
     if samples > 1:
         check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)
     if preview_path is not None and Path(preview_path).exists() and not overwrite:
@@ -130,11 +156,10 @@ def upsample_file(
     start = time.perf_counter()
     stack = read_sax(input_path, series_uid=series_uid)
     if method == "linear":
-        draws = [upsample_stack(stack, factor, linear_midpoints)]
+        predictors = [linear_midpoints]
     else:
-        draws = _calid_draws(
+        predictors = _calid_predictors(
             stack,
-            factor,
             levels,
             num_inference_steps,
             refine,
@@ -146,29 +171,79 @@ def upsample_file(
             precision,
             progress,
         )
-    dense = draws[0]
-    std = None
-    if len(draws) > 1:
-        arrays = np.stack([d.array for d in draws])
-        dense = SaxStack(arrays.mean(0), draws[0].affine, draws[0].meta)
-        dense.array[:, :, ::factor] = stack.array  # acquired slices stay exact
-        std = SaxStack(arrays.std(0), draws[0].affine, dict(draws[0].meta))
-        std.array[:, :, ::factor] = 0.0
-    write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
-    if std is not None:
-        write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
-    seconds = time.perf_counter() - start
-    if preview_path is not None:
-        from .preview import save_preview
+    x, y, z, t = stack.shape
+    shape = (x, y, (z - 1) * factor + 1, t)
+    group = phases_per_chunk(stack.shape, factor, memory_budget_mb)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with _OutputArrays(output_path.parent, shape, memory_budget_mb) as arrays:
+        mean = arrays.new()
+        dense = upsample_stack(stack, factor, predictors[0], phase_chunk=group, out=mean)
+        std = None
+        if len(predictors) > 1:  # Welford's running mean and variance, phase by phase
+            m2, draw = arrays.new(zero=True), arrays.new()
+            for i, predictor in enumerate(predictors[1:], start=2):
+                upsample_stack(stack, factor, predictor, phase_chunk=group, out=draw)
+                for p in range(t):
+                    delta = draw[..., p] - mean[..., p]
+                    mean[..., p] += delta / i
+                    m2[..., p] += delta * (draw[..., p] - mean[..., p])
+            mean[:, :, ::factor] = stack.array  # acquired slices stay exact
+            for p in range(t):
+                m2[..., p] = np.sqrt(m2[..., p] / len(predictors))
+            m2[:, :, ::factor] = 0.0
+            std = SaxStack(m2, dense.affine, dict(dense.meta))
+        if method != "linear":
+            dense.meta.update(method="calid+" if refine else "calid", steps=num_inference_steps, seed=seed)
+        write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
+        if std is not None:
+            write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
+        seconds = time.perf_counter() - start
+        if preview_path is not None:
+            from .preview import save_preview
 
-        save_preview(stack, dense, preview_path, phase=phase)
+            save_preview(stack, dense, preview_path, phase=phase)
+    bar = getattr(predictors[0], "progress", None)
+    if bar is not None:
+        bar.close()
+    # a memory-mapped result stays readable after its file is removed (POSIX), until released
     return stack, dense, seconds
 
 
-def _calid_draws(
-    stack, factor, levels, steps, refine, samples, seed, device, weights_dir, chunk_size, precision, progress
+class _OutputArrays:
+    """Output-sized float32 arrays: in memory, or memory-mapped in a hidden temporary folder
+    beside the output when one would take more than half of ``memory_budget_mb``."""
+
+    def __init__(self, folder, shape, memory_budget_mb=None):
+        self.folder, self.shape = Path(folder), shape
+        nbytes = int(np.prod(shape)) * 4
+        self.mapped = memory_budget_mb is not None and nbytes > memory_budget_mb * 2**20 / 2
+        self.tmp = None
+
+    def __enter__(self):
+        if self.mapped:
+            import tempfile
+
+            self.tmp = Path(tempfile.mkdtemp(prefix=".calid-memmap-", dir=self.folder))
+        return self
+
+    def new(self, zero=False):
+        if not self.mapped:
+            return np.zeros(self.shape, np.float32) if zero else np.empty(self.shape, np.float32)
+        index = len(list(self.tmp.iterdir()))
+        return np.memmap(self.tmp / f"array{index}.dat", dtype=np.float32, mode="w+", shape=self.shape)
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _calid_predictors(
+    stack, levels, steps, refine, samples, seed, device, weights_dir, chunk_size, precision, progress
 ):
-    """``samples`` upsampled stacks with the learned model (different noise per sample)."""
+    """One learned midpoint predictor per sample (different noise per sample)."""
     from tqdm.auto import tqdm
 
     from .inference import LearnedMidpoints, load_model, resolve_device
@@ -182,15 +257,12 @@ def _calid_draws(
     z, t = stack.shape[2], stack.shape[3]
     per_gap = 1 if model.temporal else t
     total = sum((z - 1) * 2**level * per_gap for level in range(levels)) * samples
+    bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress)
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
-    draws = []
-    with tqdm(total=total, desc="generating slices", unit="slice", disable=not progress) as bar:
-        for sample in range(samples):
-            predictor = LearnedMidpoints(
-                model, pre, num_steps=steps, refine=refine, seed=seed, sample=sample,
-                chunk_size=chunk_size, device=device, precision=precision, progress=bar,
-            )  # fmt: skip
-            draw = upsample_stack(stack, factor, predictor)
-            draw.meta.update(method="calid+" if refine else "calid", steps=steps, seed=seed, weights=model.source)
-            draws.append(draw)
-    return draws
+    return [
+        LearnedMidpoints(
+            model, pre, num_steps=steps, refine=refine, seed=seed, sample=sample,
+            chunk_size=chunk_size, device=device, precision=precision, progress=bar,
+        )  # fmt: skip
+        for sample in range(samples)
+    ]

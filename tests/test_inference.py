@@ -145,3 +145,36 @@ def test_untrained_residual_model_upsamples_as_linear(small_stack, tmp_path):
     _, learned, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", 4, weights_dir=weights)
     _, linear, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", 4, method="linear")
     np.testing.assert_allclose(learned.array, linear.array, rtol=0, atol=1e-3)
+
+
+def test_phase_chunks_do_not_change_the_result(small_stack, tiny_weights_2d):
+    from bundle.upsample import upsample_stack
+
+    whole = upsample_stack(small_stack, 4, predictor(tiny_weights_2d, small_stack, chunk_size=8))
+    by_phase = upsample_stack(small_stack, 4, predictor(tiny_weights_2d, small_stack, chunk_size=8), phase_chunk=1)
+    np.testing.assert_allclose(whole.array, by_phase.array, rtol=1e-5, atol=1e-2)
+
+
+def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weights_2d):
+    from bundle.upsample import upsample_stack
+
+    write_nifti(small_stack, tmp_path / "in.nii.gz")
+    model = load_model(tiny_weights_2d)
+    pre = SlicePreprocessor.for_stack(small_stack, model.model_spacing, model.size_multiple)
+    draws = [
+        upsample_stack(small_stack, 2, LearnedMidpoints(model, pre, num_steps=2, seed=5, sample=i)).array
+        for i in range(3)
+    ]
+    _, mean, _ = upsample_file(
+        tmp_path / "in.nii.gz",
+        tmp_path / "m.nii.gz",
+        2,
+        weights_dir=tiny_weights_2d,
+        num_inference_steps=2,
+        seed=5,
+        samples=3,
+    )
+    np.testing.assert_allclose(mean.array, np.mean(draws, 0), rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(
+        read_sax(std_map_path(tmp_path / "m.nii.gz")).array, np.std(draws, 0), rtol=1e-4, atol=1e-2
+    )
