@@ -124,12 +124,33 @@ def merge_rank_files(out_dir, run_id, world_size):
     return out_dir / f"manifest-{run_id}.jsonl"
 
 
+def check_batch_options(factor, options):
+    """Refuse, before any study is touched, what would make every study fail."""
+    import inspect
+
+    from .inference import check_weights
+    from .upsample import METHODS, bisection_levels, upsample_file
+
+    per_study = {"input_path", "output_path", "factor", "preview_path", "phase", "series_uid", "progress"}
+    allowed = set(inspect.signature(upsample_file).parameters) - per_study
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise SaxInputError(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
+    bisection_levels(factor)
+    method = options.get("method", "calid")
+    if method not in METHODS:
+        raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if method == "calid":
+        check_weights(options.get("weights_dir"))
+
+
 def distributed_batch(source, out_dir, factor=2, **options):
     """Entry point for one process or each ``torchrun`` rank: shard, run, merge, and return
     the number of failed studies over all ranks (the exit code's business)."""
     import torch
     import torch.distributed as dist
 
+    check_batch_options(factor, options)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     if distributed and not dist.is_initialized():

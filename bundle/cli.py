@@ -95,23 +95,7 @@ class Commands:
         if preview is not None:
             print(f"preview: {preview}")
 
-    def upsample_batch(
-        self,
-        source,
-        out_dir,
-        factor=2,
-        method="calid",
-        steps=8,
-        refine=False,
-        samples=1,
-        seed=0,
-        device="auto",
-        weights=None,
-        overwrite=False,
-        chunk_size=None,
-        precision="auto",
-        memory_budget_mb=None,
-    ):
+    def upsample_batch(self, source, out_dir, factor=2, memory_budget_mb=None, **options):
         """Upsample every study of SOURCE (a folder of NIfTI files and DICOM folders, e.g. one
         written by `calid phantom`, or a datalist JSON) into OUT_DIR as STUDY_xF.nii.gz.
 
@@ -119,26 +103,16 @@ class Commands:
         processes (one device each). Studies whose output exists are skipped (outputs are
         written atomically); a study that fails is recorded in failures-RUN.jsonl and the run
         goes on; manifest-RUN.jsonl lists every study. Exit code 1 if any study failed.
-        --memory-budget-mb bounds each study's working memory. Other options: `calid upsample`.
+        --memory-budget-mb bounds each study's working memory. Every option of `calid upsample`
+        (--method, --steps, --refine, --samples, --seed, --device, --weights, ...) applies.
         """
         from .batch import distributed_batch
 
-        failed, counts = distributed_batch(
-            source,
-            out_dir,
-            factor,
-            method=method,
-            num_inference_steps=steps,
-            refine=refine,
-            samples=samples,
-            seed=seed,
-            device=device,
-            weights_dir=weights,
-            overwrite=overwrite,
-            chunk_size=chunk_size,
-            precision=precision,
-            memory_budget_mb=memory_budget_mb,
-        )
+        if "preview" in options:
+            raise SaxInputError("--preview is for one study: use calid upsample")
+        renamed = {"steps": "num_inference_steps", "weights": "weights_dir"}
+        options = {renamed.get(k, k): v for k, v in options.items()}
+        failed, counts = distributed_batch(source, out_dir, factor, memory_budget_mb=memory_budget_mb, **options)
         print(f"this process: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
         if failed:
             print(f"calid: {failed} stud{'y' if failed == 1 else 'ies'} failed; see failures-*.jsonl in {out_dir}")

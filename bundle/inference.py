@@ -48,9 +48,8 @@ class CaLIDModel:
         return self.denoiser.vae_factor * 2 ** (len(self.net["unet_channels"]) - 1)
 
 
-def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
-    """Load ``autoencoder.pt``/``.json`` and ``diffusion.pt``/``.json`` from ``weights_dir``
-    (default: the bundle's ``models/``). Errors name the file that is missing or does not fit."""
+def check_weights(weights_dir=None) -> Path:
+    """The weights folder (default: the bundle's ``models/``), refusing one that lacks a file."""
     folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
     missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
     if missing:
@@ -58,6 +57,13 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
             f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training) or pass "
             f"--weights DIR with {', '.join(WEIGHT_FILES)}; --method linear needs no weights"
         )
+    return folder
+
+
+def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
+    """Load ``autoencoder.pt``/``.json`` and ``diffusion.pt``/``.json`` from ``weights_dir``
+    (default: the bundle's ``models/``). Errors name the file that is missing or does not fit."""
+    folder = check_weights(weights_dir)
     ae_info = json.loads((folder / "autoencoder.json").read_text())
     info = json.loads((folder / "diffusion.json").read_text())
     if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):

@@ -143,3 +143,19 @@ def test_bundle_batch_config_fails_on_a_failed_study(cohort, tmp_path):
     with pytest.raises(SystemExit, match="1 study failed"):
         wf.run()
     assert len(list(tmp_path.glob("phantom_*_x2.nii.gz"))) == 5
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "lineer"], "unknown method 'lineer'"),
+        (["--step", "3"], "unknown option(s) for batch upsampling: step"),
+        (["--factor", "3"], "factor must be a power of two"),
+        (["--weights", "/nowhere"], "no CaLID weights in /nowhere"),
+    ],
+)
+def test_refuses_before_touching_any_study(cohort, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upsample-batch", str(cohort), str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
