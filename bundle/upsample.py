@@ -148,6 +148,8 @@ def upsample_file(
     samples = int(samples)
     if samples < 1:
         raise SaxInputError(f"samples must be at least 1, got {samples}")
+    if samples > 1 and method == "linear":
+        raise SaxInputError("--samples draws from the learned model: linear interpolation has one answer")
     output_path = check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
     if samples > 1:
         check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)

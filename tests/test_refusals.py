@@ -102,6 +102,13 @@ def test_two_cine_series_listed(tmp_path, capsys):
     assert_refused(capsys, tmp_path, tmp_path / "d", "SeriesNumber=7")
 
 
+def test_samples_need_the_learned_model(tmp_path, capsys):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.ones((8, 8, 3)))
+    assert_refused(
+        capsys, tmp_path, path, "--samples draws from the learned model", ("--method", "linear", "--samples", "3")
+    )
+
+
 @pytest.mark.parametrize("factor", ["3", "6", "0", "-2", "1.5"])
 def test_factor_not_power_of_two(tmp_path, capsys, factor):
     path = save_nifti(tmp_path / "ok.nii.gz", np.ones((8, 8, 3)))
