@@ -157,32 +157,18 @@ class Commands:
         result = training_speed(preset, iterations=iterations, device=device, temporal=temporal, batch_size=batch_size)
         print(json.dumps(result, indent=2))
 
-    def benchmark(
-        self,
-        weights=None,
-        preset="cpu",
-        temporal=False,
-        slices=12,
-        phases=20,
-        size=256,
-        factor=4,
-        steps=8,
-        device="auto",
-        chunk_size=None,
-        loop=True,
-        precision="auto",
-    ):
+    def benchmark(self, **options):
         """Benchmark: wall time and peak memory to upsample a phantom cine (default 12 slices x
-        20 phases x 256x256, x4, 8 steps), batched vs a per-slice loop. Random weights of
-        --preset unless --weights DIR."""
+        20 phases x 256x256, x4, 8 steps), batched vs a per-slice loop. Options (defaults):
+        --preset cpu (random weights of a preset) or --weights DIR, --temporal False,
+        --slices 12, --phases 20, --size 256, --factor 4, --steps 8, --device auto,
+        --chunk-size (64 on CUDA, 8 on CPU), --loop True, --precision auto."""
         import json
 
         from .benchmark import inference_speed
 
-        result = inference_speed(
-            weights, preset, temporal, slices, phases, size, factor, steps, device, chunk_size, loop, precision
-        )
-        print(json.dumps(result, indent=2))
+        options["preset_name"] = options.pop("preset", "cpu")
+        print(json.dumps(inference_speed(**options), indent=2))
 
 
 def main(argv=None):

@@ -1,0 +1,22 @@
+"""The benchmarks run and report their figures (no timing thresholds: figures, not tests)."""
+
+import json
+
+from bundle.cli import main
+
+
+def test_inference_benchmark_reports(capsys):
+    main(["benchmark", "--preset", "tiny", "--slices", "3", "--phases", "2", "--size", "32", "--steps", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["generated_slices"] == 2 * 3 * 2
+    for mode in ("batched", "per-slice loop"):
+        assert result[mode]["seconds"] > 0 and result[mode]["peak_rss_mb"] > 0
+    assert result["per-slice loop"]["chunk_size"] == 1
+
+
+def test_training_benchmark_reports(capsys):
+    main(["train-speed", "--preset", "tiny", "--iterations", "1", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    assert result["preset"] == "tiny" and result["batch_size"] == 2 and result["vae_parameters"] == 29277
+    assert result["autoencoder_seconds_per_iteration"] > 0 and result["diffusion_seconds_per_iteration"] > 0
