@@ -196,9 +196,9 @@ def upsample_file(
             std = SaxStack(m2, dense.affine, dict(dense.meta))
         if method != "linear":
             dense.meta.update(method="calid+" if refine else "calid", steps=num_inference_steps, seed=seed)
-        write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
-        if std is not None:
+        if std is not None:  # first: an existing main output then means a complete study
             write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
+        write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
         seconds = time.perf_counter() - start
         if preview_path is not None:
             from .preview import save_preview
