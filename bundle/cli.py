@@ -118,6 +118,17 @@ class Commands:
             print(f"calid: {failed} stud{'y' if failed == 1 else 'ies'} failed; see failures-*.jsonl in {out_dir}")
             sys.exit(1)
 
+    def evaluate(self, out_dir, studies=(), phantom=None, weights=None, steps=1, seed=0, device="cpu"):
+        """Compare linear interpolation (and, with --weights, CaLID and CaLID+) with the truth:
+        leave-one-out on real STUDIES (folders with dicom/ and, for the heart region,
+        Sunnybrook contours/), and x4 per bisection level on a `calid phantom` folder. Writes
+        OUT_DIR/report.json and report.md."""
+        from .evaluate import evaluate
+
+        studies = [studies] if isinstance(studies, str) else list(studies)
+        evaluate(out_dir, studies, phantom, weights, steps=steps, seed=seed, device=device)
+        print((Path(out_dir) / "report.md").read_text())
+
     def phantom(
         self,
         out_dir,
