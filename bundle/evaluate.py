@@ -92,14 +92,13 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
     return result
 
 
-def make_predictors(stack, weights_dir=None, steps=1, seed=0, device="cpu", chunk_size=8):
-    """linear, and with weights CaLID (seeded noise) and CaLID+ (--refine)."""
+def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8):
+    """linear, and with a loaded CaLIDModel CaLID (seeded noise) and CaLID+ (--refine)."""
     predictors = {"linear": linear_midpoints}
-    if weights_dir:
-        from .inference import LearnedMidpoints, load_model
+    if model is not None:
+        from .inference import LearnedMidpoints
         from .transforms import SlicePreprocessor
 
-        model = load_model(weights_dir, device=device)
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
         for name, refine in (("calid", False), ("calid+", True)):
             predictors[name] = LearnedMidpoints(
@@ -111,14 +110,16 @@ def make_predictors(stack, weights_dir=None, steps=1, seed=0, device="cpu", chun
 def evaluate(out_dir, studies=(), phantom_dir=None, weights_dir=None, steps=1, seed=0, device="cpu"):
     """Write ``report.json`` and ``report.md`` under ``out_dir``; returns the report."""
     from .data import list_studies, study_name
+    from .inference import load_model
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
 
+    model = load_model(weights_dir, device=device) if weights_dir else None  # once, for every study
     report = {"protocol": __doc__.strip(), "steps": steps, "weights": str(weights_dir), "real": {}, "phantom": {}}
     for study in studies:
         study = Path(study)
         dicom = study / "dicom" if (study / "dicom").is_dir() else study
         stack = read_sax(dicom)
-        predictors = make_predictors(stack, weights_dir, steps, seed, device)
+        predictors = make_predictors(stack, model, steps, seed, device)
         report["real"][study.name] = leave_one_out(stack, predictors, lv_centre_from_contours(study))
     if phantom_dir:
         for path in list_studies(phantom_dir):
@@ -126,7 +127,7 @@ def evaluate(out_dir, studies=(), phantom_dir=None, weights_dir=None, steps=1, s
             sparse = read_sax(path)
             truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
-            predictors = make_predictors(sparse, weights_dir, steps, seed, device)
+            predictors = make_predictors(sparse, model, steps, seed, device)
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,20 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.evaluate import lv_centre_from_contours
 from bundle.io import crop_inplane, read_sax, write_nifti
 
 HALF = 48
 
 
-def lv_centre(study: Path):
-    points = [np.loadtxt(f) for f in sorted((study / "contours" / "i-contours").glob("*.txt"))]
-    return np.concatenate(points).mean(axis=0)  # (column, row) = (x, y) of our arrays
-
-
 def main(study, output, half=HALF, phase_step=2):
     study, half, phase_step = Path(study), int(half), int(phase_step)
     stack = read_sax(study / "dicom")
-    cx, cy = np.round(lv_centre(study)).astype(int)
+    cx, cy = np.round(lv_centre_from_contours(study)).astype(int)
     x0, y0 = max(0, cx - half), max(0, cy - half)
     phases = list(range(0, stack.shape[3], phase_step))
     example = crop_inplane(stack, x0, x0 + 2 * half, y0, y0 + 2 * half, phases=phases)
