@@ -129,6 +129,15 @@ class Commands:
         evaluate(out_dir, studies, phantom, weights, steps=steps, seed=seed, device=device)
         print((Path(out_dir) / "report.md").read_text())
 
+    def plot_training(self, output, *run_dirs, title=""):
+        """PNG of training runs: each RUN_DIR's loss (train_log.csv) and validation PSNR
+        against linear (validation.csv), side by side."""
+        from .preview import plot_training_logs
+
+        if Path(output).exists():
+            raise SaxInputError(f"{output} exists; choose another name")
+        print(plot_training_logs(run_dirs, output, title=title))
+
     def phantom(
         self,
         out_dir,

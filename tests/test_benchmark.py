@@ -1,4 +1,4 @@
-"""The benchmarks run and report their figures (no timing thresholds: figures, not tests)."""
+"""The benchmarks and figure commands run and report (no timing thresholds: figures, not tests)."""
 
 import json
 
@@ -20,3 +20,22 @@ def test_training_benchmark_reports(capsys):
     result = json.loads(out[out.index("{") :])
     assert result["preset"] == "tiny" and result["batch_size"] == 2 and result["vae_parameters"] == 29277
     assert result["autoencoder_seconds_per_iteration"] > 0 and result["diffusion_seconds_per_iteration"] > 0
+
+
+def test_plot_training_draws_the_logs(tmp_path, capsys):
+    import shutil
+
+    import pytest
+    from conftest import ROOT
+    from PIL import Image
+
+    run = tmp_path / "autoencoder"
+    run.mkdir()
+    figures = ROOT / "docs" / "figures"
+    shutil.copy(figures / "h200_short_run_autoencoder_train_log.csv", run / "train_log.csv")
+    shutil.copy(figures / "h200_short_run_autoencoder_validation.csv", run / "validation.csv")
+    main(["plot-training", str(tmp_path / "curves.png"), str(run)])
+    assert Image.open(tmp_path / "curves.png").size == (1280, 360)
+    with pytest.raises(SystemExit):
+        main(["plot-training", str(tmp_path / "curves.png"), str(run)])
+    assert "exists" in capsys.readouterr().err
