@@ -118,15 +118,48 @@ class Commands:
             print(f"calid: {failed} stud{'y' if failed == 1 else 'ies'} failed; see failures-*.jsonl in {out_dir}")
             sys.exit(1)
 
-    def evaluate(self, out_dir, studies=(), phantom=None, weights=None, steps=1, seed=0, device="cpu"):
-        """Compare linear interpolation (and, with --weights, CaLID and CaLID+) with the truth:
-        leave-one-out on real STUDIES (folders with dicom/ and, for the heart region,
-        Sunnybrook contours/), and x4 per bisection level on a `calid phantom` folder. Writes
-        OUT_DIR/report.json and report.md."""
+    def evaluate(
+        self,
+        out_dir,
+        studies=(),
+        phantom=None,
+        weights=None,
+        steps=1,
+        seed=0,
+        device="cpu",
+        sweep_steps=(1, 2, 4, 8, 16, 32),
+        sweep_phases=4,
+        segment_train=(),
+        segment_iterations=600,
+        alexnet_weights=None,
+        overwrite=False,
+    ):
+        """Compare linear interpolation (and, with --weights, linear and slerp in the VAE's
+        latent space, CaLID and CaLID+) with the truth: leave-one-out on real STUDIES (folders
+        with dicom/ and, for the heart region, Sunnybrook contours/), every phase; a DDIM steps
+        sweep on --sweep-phases phases; with --segment-train STUDIES a U-Net trained on their
+        contours segments every contoured leave-one-out slice (Dice, ASD); x4 per bisection level
+        on a `calid phantom` folder. Writes OUT_DIR/report.json, report.md and figures/."""
         from .evaluate import evaluate
 
-        studies = [studies] if isinstance(studies, str) else list(studies)
-        evaluate(out_dir, studies, phantom, weights, steps=steps, seed=seed, device=device)
+        def as_list(value):
+            return [value] if isinstance(value, (str, int)) else list(value or ())
+
+        evaluate(
+            out_dir,
+            as_list(studies),
+            phantom,
+            weights,
+            steps=steps,
+            seed=seed,
+            device=device,
+            sweep_steps=as_list(sweep_steps),
+            sweep_phases=sweep_phases,
+            segment_train=as_list(segment_train),
+            segment_iterations=segment_iterations,
+            alexnet_weights=alexnet_weights,
+            overwrite=overwrite,
+        )
         print((Path(out_dir) / "report.md").read_text())
 
     def plot_training(self, output, *run_dirs, title=""):

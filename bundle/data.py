@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import Dataset
-from monai.transforms import Compose, MapTransform, RandFlipd, Randomizable, ResizeWithPadOrCropd, Transform
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandFlipd,
+    Randomizable,
+    RandRotate90d,
+    ResizeWithPadOrCropd,
+    Transform,
+)
 
 from .io import NIFTI_SUFFIXES, SaxInputError, dicom_candidates, read_sax
 from .phantom import COMPANION_SUFFIXES
@@ -177,12 +185,14 @@ def triplet_dataset(
     if spatial_size is not None:
         size = tuple(spatial_size) + ((-1,) if temporal else ())
         transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
-    if augment:  # the paper's random flips, applied identically to all three slices
+    if augment:  # the paper's random flips (and here quarter turns), identical for all three slices
         transforms += [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
             RandSwapNeighboursd(prob=0.5),
         ]
+        if spatial_size is not None and spatial_size[0] == spatial_size[1]:  # rotations keep square crops batchable
+            transforms.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
     chain = Compose(transforms)
     chain.set_random_state(seed=seed)
     return Dataset(data=records, transform=chain)

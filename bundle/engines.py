@@ -86,6 +86,15 @@ class LatentScale:
     def __init__(self, value=None):
         self.value = value
 
+    @classmethod
+    def from_weights(cls, weights_path=None):
+        """The scale saved beside ``weights_path`` (a warm start keeps its latent units), else unset."""
+        if weights_path is None:
+            return cls()
+        import json
+
+        return cls(json.loads(Path(weights_path).with_suffix(".json").read_text())["latent_scale"])
+
     def state_dict(self):
         return {"value": self.value}
 
@@ -122,13 +131,6 @@ def kl_divergence(z_mu, z_sigma):
 # ----------------------------------------------------------------------------- perceptual loss
 
 
-def _alexnet_weights_path(weights_path=None):
-    """A local AlexNet (ImageNet) state dict: the configured path, else the torch hub cache."""
-    candidates = [Path(weights_path)] if weights_path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth")
-    return next((p for p in candidates if p.is_file()), None)
-
-
 class PerceptualTerm(torch.nn.Module):
     """LPIPS (AlexNet) when its ImageNet backbone weights are available locally; otherwise the
     configured fallback (``"ssim"``: 1 - SSIM, or ``"none"``). Never downloads: the backbone is
@@ -141,19 +143,11 @@ class PerceptualTerm(torch.nn.Module):
         self.kind = fallback
         self.lpips = None
         self.ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0)
-        path = _alexnet_weights_path(weights_path)
-        if path is not None:
-            import lpips
-            import torchvision
+        from .metrics import alexnet_weights_path, load_lpips
 
-            self.lpips = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-            backbone = torchvision.models.alexnet()
-            backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            # lpips splits alexnet.features into slice1..slice5, keeping the layer indices as names
-            for stage in (getattr(self.lpips.net, f"slice{i}") for i in range(1, 6)):
-                for name, layer in stage.named_children():
-                    layer.load_state_dict(backbone.features[int(name)].state_dict())
-            self.lpips.requires_grad_(False).eval()
+        path = alexnet_weights_path(weights_path)
+        if path is not None:
+            self.lpips = load_lpips(path)
             self.kind = "lpips"
             logger.info("perceptual loss: LPIPS (AlexNet) with backbone weights from %s", path)
         elif fallback == "ssim":
@@ -419,6 +413,9 @@ class InterpolationValidator:
 
     def attach(self, engine):
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        # score the starting weights too (linear interpolation for a fresh residual model, the
+        # warm-start weights otherwise), so that "best" can never be worse than the start
+        engine.add_event_handler(Events.STARTED, lambda e: self(e) if e.state.iteration == 0 else None)
 
     @torch.no_grad()
     def evaluate(self):
@@ -514,6 +511,13 @@ def load_frozen(network, path, device="cpu"):
         )
     network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return network.to(device).eval().requires_grad_(False)
+
+
+def init_weights(network, path=None):
+    """Warm start: load a plain state dict (fp16 shipped weights too) into ``network``; no-op for None."""
+    if path is not None:
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return network
 
 
 def save_weights(module, path, extra: dict | None = None):

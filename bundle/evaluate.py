@@ -14,12 +14,13 @@ Sunnybrook contours or the phantom's labels, else the image centre).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import read_sax
+from .io import SaxInputError, read_sax
 from .metrics import psnr, ssim
 from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
@@ -58,17 +59,45 @@ def scores(pred, truth, box):
     }
 
 
-def leave_one_out(stack, predictors: dict, centre_xy=None):
-    """Predict every inner slice from its acquired neighbours with each predictor; scores per method."""
+def heart_crop(images, box):
+    x0, x1, y0, y1 = box
+    return images[..., x0:x1, y0:y1]
+
+
+def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptual=None):
+    """Predict every inner slice from its acquired neighbours with each predictor.
+
+    Returns (scores per method, predictions per method as (inner slices, phases, X, Y) in
+    scanner intensities). ``phases`` restricts the phases (default all); ``perceptual`` a
+    :class:`bundle.metrics.PerceptualMetrics` adds LPIPS/rFID on the whole slice."""
+    phases = list(range(stack.shape[3])) if phases is None else list(phases)
     scaler = IntensityScaler.fit(stack.array)
-    slices = torch.from_numpy(np.ascontiguousarray(stack.array.transpose(2, 3, 0, 1), dtype=np.float64))
-    truth = slices[1:-1]
+    slices = torch.from_numpy(np.ascontiguousarray(stack.array[..., phases].transpose(2, 3, 0, 1), dtype=np.float64))
+    truth = scaler(slices[1:-1].flatten(0, 1).numpy())
     box = heart_box(stack, centre_xy)
-    result = {}
+    result, predictions = {}, {}
     for name, predictor in predictors.items():
+        start = time.perf_counter()
         pred = predictor(slices[:-2], slices[2:], 0)
-        result[name] = scores(scaler(pred.flatten(0, 1).numpy()), scaler(truth.flatten(0, 1).numpy()), box)
-    return result
+        seconds = time.perf_counter() - start
+        scaled = scaler(pred.flatten(0, 1).numpy())
+        result[name] = scores(scaled, truth, box)
+        result[name]["seconds_per_slice"] = seconds / len(scaled)
+        if perceptual is not None:
+            result[name].update(perceptual(scaled, truth))
+        predictions[name] = pred.float().numpy()
+    return result, predictions
+
+
+def steps_sweep(stack, model, steps_list, centre_xy=None, phases=None, seed=0, device="cpu"):
+    """CaLID and CaLID+ at each number of DDIM steps: heart-region quality and time per slice."""
+    sweep = {"calid": {}, "calid+": {}}
+    for steps in steps_list:
+        predictors = make_predictors(stack, model, steps, seed, device, baselines=False)
+        result, _ = leave_one_out(stack, {k: predictors[k] for k in sweep}, centre_xy, phases)
+        for name in sweep:
+            sweep[name][int(steps)] = {k: result[name][k] for k in ("psnr_heart", "ssim_heart", "seconds_per_slice")}
+    return sweep
 
 
 def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
@@ -92,35 +121,108 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
     return result
 
 
-def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8):
-    """linear, and with a loaded CaLIDModel CaLID (seeded noise) and CaLID+ (--refine)."""
+def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True):
+    """linear; with a loaded CaLIDModel also the VAE-only baselines (linear and slerp of the
+    neighbours' latents, ``baselines``), CaLID (seeded noise) and CaLID+ (``--refine``)."""
     predictors = {"linear": linear_midpoints}
     if model is not None:
         from .inference import LearnedMidpoints
         from .transforms import SlicePreprocessor
 
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-        for name, refine in (("calid", False), ("calid+", True)):
-            predictors[name] = LearnedMidpoints(
-                model, pre, num_steps=steps, refine=refine, seed=seed, chunk_size=chunk_size, device=device
-            )
+        common = dict(seed=seed, chunk_size=chunk_size, device=device)
+        if baselines:
+            for how in ("linear", "slerp"):
+                predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
+        predictors["calid"] = LearnedMidpoints(model, pre, num_steps=steps, **common)
+        predictors["calid+"] = LearnedMidpoints(model, pre, num_steps=steps, refine=True, **common)
     return predictors
 
 
-def evaluate(out_dir, studies=(), phantom_dir=None, weights_dir=None, steps=1, seed=0, device="cpu"):
-    """Write ``report.json`` and ``report.md`` under ``out_dir``; returns the report."""
+def _downstream(segmenter, study, stack, predictions, device):
+    from .downstream import contour_labels, segmentation_scores
+
+    labels = contour_labels(study, stack)
+    if not labels:
+        return None
+    inner = [(k, t) for k in range(1, stack.shape[2] - 1) for t in range(stack.shape[3])]
+    slices = {"acquired": {(k, t): stack.array[:, :, k, t] for k, t in inner}}
+    for name, pred in predictions.items():
+        slices[name] = {(k + 1, t): pred[k, t] for k in range(pred.shape[0]) for t in range(pred.shape[1])}
+    return segmentation_scores(segmenter, stack, labels, slices, stack.pixel_spacing, device)
+
+
+def _train_segmenter(studies, iterations, seed, device, out_dir):
+    from .downstream import segmentation_examples, train_segmenter
+
+    images, targets = segmentation_examples([(Path(s), read_sax(_dicom_dir(s))) for s in studies])
+    net = train_segmenter(images, targets, iterations=iterations, seed=seed, device=device)
+    torch.save(net.state_dict(), Path(out_dir) / "segmenter.pt")
+    return net, {"studies": [Path(s).name for s in studies], "slices": len(images), "iterations": int(iterations)}
+
+
+def _dicom_dir(study):
+    study = Path(study)
+    return study / "dicom" if (study / "dicom").is_dir() else study
+
+
+def evaluate(
+    out_dir,
+    studies=(),
+    phantom_dir=None,
+    weights_dir=None,
+    steps=1,
+    seed=0,
+    device="cpu",
+    sweep_steps=(1, 2, 4, 8, 16, 32),
+    sweep_phases=4,
+    segment_train=(),
+    segment_iterations=600,
+    alexnet_weights=None,
+    overwrite=False,
+):
+    """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
+    ``out_dir``; returns the report. See the module docstring for the protocol."""
     from .data import list_studies, study_name
     from .inference import load_model
+    from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
+    from .preview import save_evaluation_figure
 
+    out_dir = Path(out_dir)
+    if (out_dir / "report.json").exists() and not overwrite:
+        raise SaxInputError(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(weights_dir, device=device) if weights_dir else None  # once, for every study
-    report = {"protocol": __doc__.strip(), "steps": steps, "weights": str(weights_dir), "real": {}, "phantom": {}}
+    perceptual = PerceptualMetrics(alexnet_weights, device=device)
+    report = {
+        "protocol": __doc__.strip(),
+        "steps": steps,
+        "weights": str(weights_dir),
+        "trained_on": getattr(model, "trained_on", None),
+        "skipped": dict(perceptual.skipped),
+        "real": {},
+        "sweep": {},
+        "downstream": {},
+        "phantom": {},
+    }
+    segmenter = None
+    if segment_train:
+        segmenter, report["segmenter"] = _train_segmenter(segment_train, segment_iterations, seed, device, out_dir)
     for study in studies:
         study = Path(study)
-        dicom = study / "dicom" if (study / "dicom").is_dir() else study
-        stack = read_sax(dicom)
+        stack = read_sax(_dicom_dir(study))
+        centre = lv_centre_from_contours(study)
         predictors = make_predictors(stack, model, steps, seed, device)
-        report["real"][study.name] = leave_one_out(stack, predictors, lv_centre_from_contours(study))
+        report["real"][study.name], predictions = leave_one_out(stack, predictors, centre, perceptual=perceptual)
+        box = heart_box(stack, centre)
+        save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
+        if model is not None and sweep_steps:
+            phases = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
+            report["sweep"][study.name] = steps_sweep(stack, model, sweep_steps, centre, phases, seed, device)
+            report["sweep_phases"] = phases.tolist()
+        if segmenter is not None:
+            report["downstream"][study.name] = _downstream(segmenter, study, stack, predictions, device)
     if phantom_dir:
         for path in list_studies(phantom_dir):
             name = study_name(path)
@@ -129,39 +231,73 @@ def evaluate(out_dir, studies=(), phantom_dir=None, weights_dir=None, steps=1, s
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
             predictors = make_predictors(sparse, model, steps, seed, device)
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown(report))
     return report
 
 
 def markdown(report):
+    trained = report.get("trained_on") or []
     lines = [
         "# Evaluation against linear interpolation",
         "",
-        f"DDIM steps: {report['steps']}; weights: {report['weights']}",
+        f"DDIM steps: {report['steps']}; weights: {report['weights']}; trained on: {', '.join(trained) or 'unknown'}",
         "",
+        "Intensities scaled by each study's 0.5-99.5 percentile range to [0, 1]; heart region: a "
+        f"{HEART_MM:.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",
     ]
-    header = "| study | method | PSNR | SSIM | PSNR heart | SSIM heart | gain heart (dB) |"
-    rule = "|---|---|---|---|---|---|---|"
+    lines += [f"- {metric} skipped: {why}" for metric, why in report.get("skipped", {}).items()]
+    header = "| study | method | PSNR | SSIM | PSNR heart | SSIM heart | gain heart (dB) | gain SSIM heart |"
+    rule = "|---|---|---|---|---|---|---|---|"
     if report["real"]:
-        lines += ["## Real studies, leave-one-out (neighbours two acquisitions apart)", "", header, rule]
+        lines += ["", "## Real studies, leave-one-out (neighbours two acquisitions apart), all phases", ""]
+        lines += [header[:-1] + " LPIPS | rFID | s/slice |", rule + "---|---|---|"]
         for study, methods in report["real"].items():
-            base = methods["linear"]["psnr_heart"]
+            label = f"{study} ({'in-sample' if study in trained else 'held out'})" if trained else study
             for method, s in methods.items():
-                lines.append(_row(study, method, s, base))
+                extra = [_fmt(s.get("lpips"), 4), _fmt(s.get("rfid"), 1), _fmt(s.get("seconds_per_slice"), 3)]
+                lines.append(_row(label, method, s, methods["linear"]) + " " + " | ".join(extra) + " |")
+    for study, sweep in report.get("sweep", {}).items():
+        lines += ["", f"## DDIM steps, {study} (phases {report.get('sweep_phases')})", ""]
+        lines += ["| method | steps | PSNR heart | SSIM heart | s/slice |", "|---|---|---|---|---|"]
+        for method, by_steps in sweep.items():
+            for steps, s in by_steps.items():
+                lines.append(
+                    f"| {method} | {steps} | {s['psnr_heart']:.2f} | {s['ssim_heart']:.4f} | "
+                    f"{s['seconds_per_slice']:.3f} |"
+                )
+    for study, methods in report.get("downstream", {}).items():
+        if not methods:
+            continue
+        seg = report.get("segmenter", {})
+        lines += [
+            "",
+            f"## Downstream segmentation, {study} (U-Net trained on {', '.join(seg.get('studies', []))}, "
+            f"{seg.get('slices')} slices, {seg.get('iterations')} iterations)",
+            "",
+            "| segmented slice | class | Dice | ASD (mm) | slices | no surface |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, classes in methods.items():
+            for cname, c in classes.items():
+                lines.append(
+                    f"| {method} | {cname} | {_fmt(c['dice'], 3)} | {_fmt(c['asd_mm'], 2)} | {c['n']} | {c['failed']} |"
+                )
     for name, methods in report["phantom"].items():
         lines += ["", f"## Phantom {name}, x4 against the dense truth", "", header.replace("study", "level"), rule]
         for level in methods["linear"]:
-            base = methods["linear"][level]["psnr_heart"]
             for method in methods:
-                lines.append(_row(level, method, methods[method][level], base))
+                lines.append(_row(level, method, methods[method][level], methods["linear"][level]))
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits):
+    return "skipped" if value is None else f"{value:.{digits}f}"
 
 
 def _row(label, method, s, base):
     return (
         f"| {label} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['psnr_heart']:.2f} | "
-        f"{s['ssim_heart']:.4f} | {s['psnr_heart'] - base:+.2f} |"
+        f"{s['ssim_heart']:.4f} | {s['psnr_heart'] - base['psnr_heart']:+.2f} | "
+        f"{s['ssim_heart'] - base['ssim_heart']:+.4f} |"
     )

@@ -37,6 +37,7 @@ class CaLIDModel:
     model_spacing: float | None
     source: str
     prediction: str = "epsilon"
+    trained_on: list | None = None  # the studies the weights were trained on, as recorded
 
     @property
     def temporal(self):
@@ -90,6 +91,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         model_spacing=info.get("model_spacing"),
         source=str(folder),
         prediction=info.get("prediction", "epsilon"),
+        trained_on=info.get("trained_on"),
     )
 
 
@@ -137,7 +139,11 @@ class LearnedMidpoints:
         device="cpu",
         precision="auto",
         progress=None,
+        latent_blend=None,
     ):
+        if latent_blend not in (None, "linear", "slerp"):
+            raise ValueError(f"latent_blend must be None, 'linear' or 'slerp', got {latent_blend!r}")
+        self.latent_blend = latent_blend  # a baseline: the VAE alone, no denoiser
         self.model = model
         self.pre = preprocessor
         self.sampler = SliceSampler(
@@ -188,7 +194,7 @@ class LearnedMidpoints:
             b = self._to_network(items_right[start:stop].float())
             neighbours = torch.cat([a, b], 1).to(self.device)
             z_start = None
-            if not self.refine:
+            if not (self.refine or self.latent_blend):
                 shape = self.sampler.latent_shape(neighbours)[1:]
                 z_start = torch.stack(
                     [
@@ -197,7 +203,10 @@ class LearnedMidpoints:
                     ]
                 )
             with precision_context(self.device, self.precision):
-                pred = self.sampler(neighbours, refine=self.refine, z_start=z_start)
+                if self.latent_blend:
+                    pred = self.sampler.latent_blend(neighbours, self.latent_blend)
+                else:
+                    pred = self.sampler(neighbours, refine=self.refine, z_start=z_start)
             outputs.append(self._from_network(pred.float().cpu(), t=phases))
             if self.progress is not None:
                 self.progress.update(stop - start)

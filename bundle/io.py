@@ -343,6 +343,8 @@ def _stack_from_datasets(datasets, folder) -> SaxStack:
         "was_3d": counts[0] == 1,
         "trigger_times": trigger,
         "slice_positions_lps": [p.tolist() for p in first],
+        # [slice][phase] -> InstanceNumber, to place annotations made on the DICOM images
+        "instance_numbers": [[int(getattr(datasets[i], "InstanceNumber", -1) or -1) for i in m] for m in grid],
         "descrip": f"{getattr(ds0, 'PatientID', '')} series {getattr(ds0, 'SeriesNumber', '')}".strip(),
         "series_uid": str(getattr(ds0, "SeriesInstanceUID", "")),
     }
@@ -429,6 +431,8 @@ def crop_inplane(stack: SaxStack, x0, x1, y0, y1, phases=None) -> SaxStack:
     if phases is not None:
         array = array[..., phases]
         meta["trigger_times"] = [stack.meta["trigger_times"][p] for p in phases]
+        if "instance_numbers" in meta:
+            meta["instance_numbers"] = [[row[p] for p in phases] for row in meta["instance_numbers"]]
     affine = stack.affine.copy()
     affine[:3, 3] = voxel_to_world(stack.affine, [x0, y0, 0])
     return SaxStack(np.ascontiguousarray(array), affine, meta)

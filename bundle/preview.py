@@ -1,4 +1,5 @@
-"""PNG previews: acquired vs generated slices and a long-axis reslice of input vs output."""
+"""PNG previews: acquired vs generated slices and a long-axis reslice of input vs output;
+the evaluation's per-study figure; training curves."""
 
 from __future__ import annotations
 
@@ -84,6 +85,48 @@ def save_preview(input_stack: SaxStack, output_stack: SaxStack, path, phase=0, m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+    return path
+
+
+def _stack_rows(rows, gap=6):
+    width = max(r.width for r in rows)
+    canvas = Image.new("L", (width, sum(r.height for r in rows) + gap * (len(rows) - 1)), 32)
+    top = 0
+    for r in rows:
+        canvas.paste(r, (0, top))
+        top += r.height + gap
+    return canvas
+
+
+def save_evaluation_figure(stack: SaxStack, predictions: dict, box, path, phase=0, error_range=0.25):
+    """Leave-one-out figure for one study and phase: per column the acquired slices and each
+    method's predictions; rows: the heart region of the middle predicted slice, its absolute
+    error (white = ``error_range`` of the study's robust intensity range or more), and a
+    long-axis reslice through the heart with every inner slice replaced by its prediction.
+
+    ``predictions``: name -> (inner slices, phases, X, Y) in scanner intensities."""
+    low, high = np.percentile(stack.array, [0.5, 99.5])
+    x0, x1, y0, y1 = box
+    k = stack.shape[2] // 2  # a middle slice; inner slice k is prediction k - 1
+    truth = stack.array[..., phase].astype(np.float64)
+    zoom = max(1, 240 // max(x1 - x0, y1 - y0))
+    columns = {"acquired": truth}
+    for name, pred in predictions.items():
+        volume = truth.copy()
+        volume[:, :, 1:-1] = np.asarray(pred)[:, phase].transpose(1, 2, 0)
+        columns[name] = volume
+    crop = (slice(x0, x1), slice(y0, y1))
+    y = (y0 + y1) // 2
+    rows = [[], [], []]
+    for name, volume in columns.items():
+        error = np.abs(volume[..., k] - truth[..., k]) / max(high - low, 1e-6)
+        rows[0].append(_labelled(_to_uint8(volume[crop + (k,)], low, high), f"{name} z={k}", zoom))
+        rows[1].append(_labelled(_to_uint8(error[crop], 0, error_range), f"|error| {name}", zoom))
+        plane = _reslice(stack, volume[x0:x1], y, low, high)
+        rows[2].append(_labelled(plane, f"long axis {name}", zoom))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _stack_rows([_row(r) for r in rows]).save(path)
     return path
 
 

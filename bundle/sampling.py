@@ -136,6 +136,13 @@ class SliceSampler:
         return (neighbours.shape[0], self.denoiser.latent_channels) + tuple(s // f for s in neighbours.shape[2:])
 
     @torch.no_grad()
+    def latent_blend(self, neighbours, how="linear"):
+        """Baselines without the denoiser: decode the linear (or spherical) mean of the
+        neighbours' latents."""
+        left, right = self.encode(neighbours[:, :1]), self.encode(neighbours[:, 1:])
+        return self.decode(0.5 * (left + right) if how == "linear" else slerp(left, right, 0.5))
+
+    @torch.no_grad()
     def __call__(self, neighbours, refine=False, generator=None, z_start=None):
         """``z_start`` (per-item noise) makes results independent of batching; without it,
         noise is drawn from ``generator``."""

@@ -100,6 +100,7 @@ def upsample_stack(
     affine = stack.affine.copy()
     affine[:3, 2] = stack.affine[:3, 2] / factor
     meta = copy.deepcopy(stack.meta)
+    meta.pop("instance_numbers", None)  # they name acquired images, not the new grid
     meta["factor"] = int(factor)
     return SaxStack(dense, affine, meta)
 

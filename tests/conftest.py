@@ -68,3 +68,45 @@ def tiny_weights_2d(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_weights_2dt(tmp_path_factory):
     return write_tiny_weights(tmp_path_factory.mktemp("weights2dt"), spatial_dims=3)
+
+
+def write_contoured_study(folder, subject, contoured_phases=(0, 1)):
+    """A Sunnybrook-like study folder (dicom/ + contours/) from a phantom subject: the sparse
+    stack as an axial DICOM series, and endocardial/epicardial contours traced on the labels
+    of ``contoured_phases`` (the epicardium on the first of them only, as in Sunnybrook)."""
+    import numpy as np
+    from dicom_factory import write_series
+    from skimage.measure import find_contours
+
+    folder = Path(folder)
+    sparse = subject.sparse
+    factor = (subject.labels.shape[2] - 1) // (sparse.shape[2] - 1)
+    labels = subject.labels.array[:, :, ::factor]
+    x, y, slices, phases = sparse.shape
+    scale = 1000.0 / max(float(sparse.array.max()), 1e-6)
+    written = write_series(
+        folder / "dicom",
+        rows=y,
+        cols=x,
+        slices=slices,
+        phases=phases,
+        gap=sparse.slice_spacing,
+        pixel_spacing=tuple(sparse.pixel_spacing[::-1]),
+        orient=np.eye(3),
+        pixels=lambda k, t: (sparse.array[:, :, k, t].T * scale).round(),
+    )
+    for path, k, t, _ in written:
+        if t not in contoured_phases:
+            continue
+        number = int(path.stem[3:]) + 1  # the factory's InstanceNumber
+        kinds = {"i": labels[:, :, k, t] == 1}
+        if t == contoured_phases[0]:
+            kinds["o"] = np.isin(labels[:, :, k, t], (1, 2))
+        for kind, mask in kinds.items():
+            if mask.sum() < 4:
+                continue
+            outline = max(find_contours(mask.astype(float), 0.5), key=len)  # (x, y) points
+            out = folder / "contours" / f"{kind}-contours" / f"IM-0001-{number:04d}-{kind}contour-manual.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(out, outline, fmt="%.2f")
+    return folder

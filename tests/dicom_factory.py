@@ -41,6 +41,7 @@ def write_series(
     drop=(),  # (k, t) pairs not written; t=None drops every phase of slice k
     tilt=None,  # (k, radians): tilt slice k about its row direction
     uid_root=None,  # e.g. "1.2.03" for a deliberately invalid UID
+    pixels=None,  # callable (k, t) -> (rows, cols) uint16 image, instead of the pixel code
 ):
     """Write one series; returns the list of written files and each file's (k, t, ipp)."""
     folder = Path(folder)
@@ -91,7 +92,8 @@ def write_series(
         ds.HighBit = 15
         ds.PixelRepresentation = 0
         jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # (rows, cols)
-        ds.PixelData = code(ii, jj, k, t).astype(np.uint16).tobytes()
+        image = code(ii, jj, k, t) if pixels is None else pixels(k, t)
+        ds.PixelData = np.ascontiguousarray(image, dtype=np.uint16).tobytes()
         path = folder / f"IMG{name:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         written.append((path, k, t, ipp))

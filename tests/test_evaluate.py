@@ -25,7 +25,8 @@ def test_leave_one_out_scores_the_right_slices(phantom_subject):
         slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
         return slices[1:-1]
 
-    result = leave_one_out(stack, {"linear": linear_midpoints, "oracle": oracle})
+    result, predictions = leave_one_out(stack, {"linear": linear_midpoints, "oracle": oracle})
+    assert predictions["oracle"].shape == (stack.shape[2] - 2, stack.shape[3]) + stack.shape[:2]
     assert result["oracle"]["ssim"] == pytest.approx(1.0, abs=1e-6) and result["oracle"]["psnr"] > 80
     assert 10 < result["linear"]["psnr"] < 40 and result["linear"]["ssim"] < 1
 
@@ -58,3 +59,56 @@ def test_report_with_an_untrained_residual_model_shows_no_gain(phantom_dir, tmp_
     saved = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert saved["phantom"].keys() == report["phantom"].keys()
     assert "| level 1 | calid |" in (tmp_path / "ev" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def contoured_study(tmp_path_factory):
+    from conftest import write_contoured_study
+
+    from bundle.phantom import make_subject
+
+    subject = make_subject(seed=5, size=48, num_slices=5, num_phases=2, pixel_spacing=3.0)
+    return write_contoured_study(tmp_path_factory.mktemp("study") / "SYNTH01", subject)
+
+
+def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
+    from bundle.downstream import contour_labels
+    from bundle.io import read_sax
+
+    """Every part of the workflow on a Sunnybrook-like folder with tiny random weights: all
+    baselines, the steps sweep, downstream segmentation, perceptual metrics, the figure."""
+    from conftest import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "w", prediction="residual")
+    out = tmp_path / "ev"
+    report = evaluate(
+        out,
+        [contoured_study],
+        weights_dir=weights,
+        steps=1,
+        sweep_steps=[1, 2],
+        sweep_phases=1,
+        segment_train=[contoured_study],
+        segment_iterations=3,
+    )
+    methods = report["real"]["SYNTH01"]
+    assert list(methods) == ["linear", "latent-linear", "latent-slerp", "calid", "calid+"]
+    assert all(m["seconds_per_slice"] > 0 for m in methods.values())
+    for metric in ("lpips", "rfid"):  # a figure, or skipped with the reason in the report
+        assert all(m[metric] is None for m in methods.values()) == (metric in report["skipped"])
+    assert set(report["sweep"]["SYNTH01"]["calid+"]) == {1, 2} and report["sweep_phases"] == [0]
+    downstream = report["downstream"]["SYNTH01"]
+    assert list(downstream) == ["acquired"] + list(methods)
+    stack = read_sax(contoured_study / "dicom")
+    labels = contour_labels(contoured_study, stack)
+    inner = [key for key in labels if 0 < key[0] < stack.shape[2] - 1]  # only those are predicted
+    full = [key for key in labels if labels[key][1] == (1, 2)]  # epicardium at the first phase only
+    cavity = downstream["acquired"]["lv_cavity"]
+    assert cavity["n"] == len(inner) > len(set(inner) & set(full)) == downstream["acquired"]["lv_myocardium"]["n"]
+    assert 0 <= cavity["dice"] <= 1
+    assert report["segmenter"] == {"studies": ["SYNTH01"], "slices": len(full), "iterations": 3}
+    assert (out / "figures" / "SYNTH01.png").stat().st_size > 1000 and (out / "segmenter.pt").is_file()
+    text = (out / "report.md").read_text()
+    assert "| SYNTH01 | latent-slerp |" in text and "## DDIM steps, SYNTH01" in text and "## Downstream" in text
+    with pytest.raises(Exception, match="holds a report"):  # nothing overwritten
+        evaluate(out, [contoured_study])
