@@ -162,6 +162,19 @@ class Commands:
         )
         print((Path(out_dir) / "report.md").read_text())
 
+    def package(self, out_dir, overwrite=False, update_hashes=False):
+        """Build the model-zoo zip OUT_DIR/calid_cmr_interpolation_vVERSION.zip after the zoo's
+        offline checks (required files, version in changelog, file sizes, large_files.yml
+        hashes). --update-hashes rewrites large_files.yml from the current weights first."""
+        import json
+
+        from .package import package, write_large_files
+
+        if update_hashes:
+            print(f"wrote {write_large_files()}")
+        _, report = package(out_dir, overwrite=overwrite)
+        print(json.dumps(report, indent=2))
+
     def plot_training(self, output, *run_dirs, title=""):
         """PNG of training runs: each RUN_DIR's loss (train_log.csv) and validation PSNR
         against linear (validation.csv), side by side."""

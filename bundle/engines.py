@@ -513,10 +513,19 @@ def load_frozen(network, path, device="cpu"):
     return network.to(device).eval().requires_grad_(False)
 
 
+def best_or_last(output_dir):
+    """The diffusion weights to export: ``best.pt`` (best validation gain) if validation ran, else ``diffusion.pt``."""
+    best = Path(output_dir) / "best.pt"
+    return best if best.is_file() else Path(output_dir) / "diffusion.pt"
+
+
 def init_weights(network, path=None):
     """Warm start: load a plain state dict (fp16 shipped weights too) into ``network``; no-op for None."""
     if path is not None:
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if any(k.startswith("denoiser.") for k in state):  # an exported model.pt: take its denoiser
+            state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
+        network.load_state_dict(state)
     return network
 
 

@@ -19,12 +19,11 @@ import torch
 
 from .data import cyclic_frames
 from .io import SaxInputError
-from .networks import build_networks
 from .sampling import SliceSampler
 from .transforms import SlicePreprocessor
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
-WEIGHT_FILES = ("autoencoder.pt", "autoencoder.json", "diffusion.pt", "diffusion.json")
+WEIGHT_FILES = ("model.pt", "model.json")
 
 
 @dataclasses.dataclass
@@ -55,42 +54,63 @@ def check_weights(weights_dir=None) -> Path:
     missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
     if missing:
         raise SaxInputError(
-            f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training) or pass "
-            f"--weights DIR with {', '.join(WEIGHT_FILES)}; --method linear needs no weights"
+            f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training; the "
+            f"diffusion stage writes OUTPUT_DIR/model) or pass --weights DIR with {' and '.join(WEIGHT_FILES)}; "
+            f"--method linear needs no weights"
         )
     return folder
 
 
-def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
-    """Load ``autoencoder.pt``/``.json`` and ``diffusion.pt``/``.json`` from ``weights_dir``
-    (default: the bundle's ``models/``). Errors name the file that is missing or does not fit."""
-    folder = check_weights(weights_dir)
-    ae_info = json.loads((folder / "autoencoder.json").read_text())
-    info = json.loads((folder / "diffusion.json").read_text())
+def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
+    """Combine a training run's ``autoencoder.pt`` and diffusion weights (``best.pt`` or
+    ``diffusion.pt``), each with its JSON sidecar, into ``OUT_DIR/model.pt`` + ``model.json``
+    (fp16 by default: half the size, and inference runs in float32 anyway)."""
+    autoencoder_path, diffusion_path, out_dir = Path(autoencoder_path), Path(diffusion_path), Path(out_dir)
+    ae_info = json.loads(autoencoder_path.with_suffix(".json").read_text())
+    info = json.loads(diffusion_path.with_suffix(".json").read_text())
     if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):
-        raise SaxInputError(f"{folder}: autoencoder.json and diffusion.json describe different VAEs")
-    net, dims = info["net"], int(info["spatial_dims"])
-    autoencoder, denoiser = build_networks(dims, net)
-    for module, name in ((autoencoder, "autoencoder.pt"), (denoiser, "diffusion.pt")):
-        state = torch.load(folder / name, map_location="cpu", weights_only=True)
-        try:
-            module.load_state_dict({k: v.float() for k, v in state.items()})
-        except RuntimeError as e:
-            raise SaxInputError(
-                f"{folder / name} does not fit the network described in its JSON "
-                f"(preset {info.get('preset')}, spatial_dims {dims}): {str(e).splitlines()[0]}"
-            ) from e
+        raise SaxInputError(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
+    state = {}
+    for prefix, path in (("autoencoder", autoencoder_path), ("denoiser", diffusion_path)):
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            state[f"{prefix}.{key}"] = value.half() if half and value.is_floating_point() else value
+    info = {**info, "stage": "model", "autoencoder_trained_on": ae_info.get("trained_on")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.pt.part"
+    torch.save(state, tmp)
+    tmp.replace(out_dir / "model.pt")
+    (out_dir / "model.json").write_text(json.dumps(info, indent=4))
+    return out_dir
+
+
+def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
+    """Load ``model.pt`` + ``model.json`` from ``weights_dir`` (default: the bundle's
+    ``models/``). Errors name the file that is missing or does not fit."""
+    from .networks import CaLIDNetwork
+
+    folder = check_weights(weights_dir)
+    info = json.loads((folder / "model.json").read_text())
     if not info.get("latent_scale"):
-        raise SaxInputError(f"{folder / 'diffusion.json'} has no latent_scale")
+        raise SaxInputError(f"{folder / 'model.json'} has no latent_scale")
+    network = CaLIDNetwork.from_info(info)
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        raise SaxInputError(
+            f"{folder / 'model.pt'} does not fit the network described in model.json "
+            f"(preset {info.get('preset')}, spatial_dims {network.spatial_dims}): {str(e).splitlines()[0]}"
+        ) from e
+    network = network.to(device).eval()
     return CaLIDModel(
-        autoencoder=autoencoder.to(device).eval(),
-        denoiser=denoiser.to(device).eval(),
-        latent_scale=float(info["latent_scale"]),
-        spatial_dims=dims,
-        net=net,
+        autoencoder=network.autoencoder,
+        denoiser=network.denoiser,
+        latent_scale=network.latent_scale,
+        spatial_dims=network.spatial_dims,
+        net=info["net"],
         model_spacing=info.get("model_spacing"),
         source=str(folder),
-        prediction=info.get("prediction", "epsilon"),
+        prediction=network.prediction,
         trained_on=info.get("trained_on"),
     )
 

@@ -182,6 +182,36 @@ def build_networks(spatial_dims, net: dict):
     return autoencoder, build_denoiser(spatial_dims, net)
 
 
+class CaLIDNetwork(nn.Module):
+    """The VAE and the conditioned denoiser as one module: one state dict (``models/model.pt``,
+    keys ``autoencoder.*`` and ``denoiser.*``) beside ``model.json`` (preset, sizes, latent
+    scale, prediction). ``forward`` predicts middle slices from neighbours (N, 2, H, W[, T])."""
+
+    def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction="residual"):
+        super().__init__()
+        self.autoencoder, self.denoiser = build_networks(spatial_dims, net)
+        self.spatial_dims, self.net = int(spatial_dims), net
+        self.latent_scale, self.prediction = float(latent_scale), prediction
+
+    @classmethod
+    def from_info(cls, info):
+        """From ``model.json`` (a path) or its contents (a dict)."""
+        if not isinstance(info, dict):
+            import json
+            from pathlib import Path
+
+            info = json.loads(Path(info).read_text())
+        return cls(info["spatial_dims"], info["net"], info["latent_scale"], info.get("prediction", "epsilon"))
+
+    def sampler(self, num_steps=1):
+        from .sampling import SliceSampler
+
+        return SliceSampler(self.autoencoder, self.denoiser, self.latent_scale, num_steps, prediction=self.prediction)
+
+    def forward(self, neighbours, num_steps=1, refine=False, z_start=None, generator=None):
+        return self.sampler(num_steps)(neighbours, refine=refine, generator=generator, z_start=z_start)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -38,12 +38,15 @@ def phantom_dir(tmp_path_factory):
 
 
 def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", perturb=True):
-    """Randomly initialised tiny-preset weights in the layout training writes (and models/
-    ships). The denoiser's zero-initialised convs are perturbed so that the conditioning and
-    the noise prediction are not identically zero."""
+    """Randomly initialised tiny-preset weights in the layout training exports (and models/
+    ships): model.pt + model.json. The denoiser's zero-initialised convs are perturbed so that
+    the conditioning and the noise prediction are not identically zero."""
+    import tempfile
+
     import torch
 
     from bundle.engines import save_weights
+    from bundle.inference import export_model
     from bundle.networks import build_networks, preset
 
     torch.manual_seed(seed)
@@ -54,10 +57,11 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", per
             if perturb and p.dim() > 1 and torch.count_nonzero(p) == 0:
                 p.normal_(std=0.05)
     info = {"preset": "tiny", "spatial_dims": spatial_dims, "net": net}
-    save_weights(vae, Path(folder) / "autoencoder.pt", {"stage": "autoencoder", **info})
-    extra = {"stage": "diffusion", "latent_scale": 1.5, "prediction": prediction, **info}
-    save_weights(denoiser, Path(folder) / "diffusion.pt", extra)
-    return Path(folder)
+    with tempfile.TemporaryDirectory() as run:
+        save_weights(vae, Path(run) / "autoencoder.pt", {"stage": "autoencoder", **info})
+        extra = {"stage": "diffusion", "latent_scale": 1.5, "prediction": prediction, **info}
+        save_weights(denoiser, Path(run) / "diffusion.pt", extra)
+        return export_model(Path(run) / "autoencoder.pt", Path(run) / "diffusion.pt", folder, half=False)
 
 
 @pytest.fixture(scope="session")

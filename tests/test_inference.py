@@ -94,14 +94,14 @@ def test_seed_determinism_and_samples(small_stack, tmp_path, tiny_weights_2d):
 
 def test_missing_and_incompatible_weights(small_stack, tmp_path, tiny_weights_2d, capsys):
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    with pytest.raises(SaxInputError, match="missing autoencoder.pt"):
+    with pytest.raises(SaxInputError, match="missing model.pt, model.json"):
         load_model(tmp_path / "nowhere")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_weights_2d, broken)
-    info = json.loads((broken / "diffusion.json").read_text())
+    info = json.loads((broken / "model.json").read_text())
     info["net"]["unet_channels"] = [16, 48]
-    (broken / "diffusion.json").write_text(json.dumps(info))
-    with pytest.raises(SaxInputError, match="diffusion.pt does not fit the network"):
+    (broken / "model.json").write_text(json.dumps(info))
+    with pytest.raises(SaxInputError, match="model.pt does not fit the network"):
         load_model(broken)
     with pytest.raises(SystemExit):
         main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), "--weights", str(tmp_path / "x")])
