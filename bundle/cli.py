@@ -133,13 +133,15 @@ class Commands:
         segment_iterations=600,
         alexnet_weights=None,
         overwrite=False,
+        fallback=True,
     ):
         """Compare linear interpolation (and, with --weights, linear and slerp in the VAE's
         latent space, CaLID and CaLID+) with the truth: leave-one-out on real STUDIES (folders
         with dicom/ and, for the heart region, Sunnybrook contours/), every phase; a DDIM steps
         sweep on --sweep-phases phases; with --segment-train STUDIES a U-Net trained on their
         contours segments every contoured leave-one-out slice (Dice, ASD); x4 per bisection level
-        on a `calid phantom` folder. Writes OUT_DIR/report.json, report.md and figures/."""
+        on a `calid phantom` folder. --nofallback uses the model at every gap, ignoring the
+        narrowest gap it is shipped for. Writes OUT_DIR/report.json, report.md and figures/."""
         from .evaluate import evaluate
 
         def as_list(value):
@@ -159,6 +161,7 @@ class Commands:
             segment_iterations=segment_iterations,
             alexnet_weights=alexnet_weights,
             overwrite=overwrite,
+            fallback=fallback,
         )
         print((Path(out_dir) / "report.md").read_text())
 

@@ -121,16 +121,17 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
     return result
 
 
-def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True):
+def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True, fallback=True):
     """linear; with a loaded CaLIDModel also the VAE-only baselines (linear and slerp of the
-    neighbours' latents, ``baselines``), CaLID (seeded noise) and CaLID+ (``--refine``)."""
+    neighbours' latents, ``baselines``), CaLID (seeded noise) and CaLID+ (``--refine``).
+    ``fallback=False`` uses the model at every gap, ignoring its ``fallback_below_mm``."""
     predictors = {"linear": linear_midpoints}
     if model is not None:
         from .inference import LearnedMidpoints
         from .transforms import SlicePreprocessor
 
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-        common = dict(seed=seed, chunk_size=chunk_size, device=device)
+        common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=fallback)
         if baselines:
             for how in ("linear", "slerp"):
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
@@ -180,6 +181,7 @@ def evaluate(
     segment_iterations=600,
     alexnet_weights=None,
     overwrite=False,
+    fallback=True,
 ):
     """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
     ``out_dir``; returns the report. See the module docstring for the protocol."""
@@ -200,6 +202,8 @@ def evaluate(
         "steps": steps,
         "weights": str(weights_dir),
         "trained_on": getattr(model, "trained_on", None),
+        # gaps narrower than this (mm) are interpolated linearly by CaLID (unless fallback=False)
+        "fallback_below_mm": getattr(model, "fallback_below_mm", None) if fallback else None,
         "skipped": dict(perceptual.skipped),
         "real": {},
         "sweep": {},
@@ -213,7 +217,7 @@ def evaluate(
         study = Path(study)
         stack = read_sax(_dicom_dir(study))
         centre = lv_centre_from_contours(study)
-        predictors = make_predictors(stack, model, steps, seed, device)
+        predictors = make_predictors(stack, model, steps, seed, device, fallback=fallback)
         report["real"][study.name], predictions = leave_one_out(stack, predictors, centre, perceptual=perceptual)
         box = heart_box(stack, centre)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
@@ -229,7 +233,7 @@ def evaluate(
             sparse = read_sax(path)
             truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
-            predictors = make_predictors(sparse, model, steps, seed, device)
+            predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback)
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown(report))
@@ -242,6 +246,7 @@ def markdown(report):
         "# Evaluation against linear interpolation",
         "",
         f"DDIM steps: {report['steps']}; weights: {report['weights']}; trained on: {', '.join(trained) or 'unknown'}",
+        f"CaLID falls back to linear between neighbours closer than: {report.get('fallback_below_mm') or 'never'} mm",
         "",
         "Intensities scaled by each study's 0.5-99.5 percentile range to [0, 1]; heart region: a "
         f"{HEART_MM:.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",

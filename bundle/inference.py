@@ -37,6 +37,9 @@ class CaLIDModel:
     source: str
     prediction: str = "epsilon"
     trained_on: list | None = None  # the studies the weights were trained on, as recorded
+    # below this distance between neighbours (mm) the model does not beat linear interpolation
+    # (measured per bisection level, docs/README.md), so those gaps are interpolated linearly
+    fallback_below_mm: float | None = None
 
     @property
     def temporal(self):
@@ -112,6 +115,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         source=str(folder),
         prediction=network.prediction,
         trained_on=info.get("trained_on"),
+        fallback_below_mm=info.get("fallback_below_mm"),
     )
 
 
@@ -160,10 +164,12 @@ class LearnedMidpoints:
         precision="auto",
         progress=None,
         latent_blend=None,
+        fallback=True,
     ):
         if latent_blend not in (None, "linear", "slerp"):
             raise ValueError(f"latent_blend must be None, 'linear' or 'slerp', got {latent_blend!r}")
         self.latent_blend = latent_blend  # a baseline: the VAE alone, no denoiser
+        self.fallback = fallback  # linear where the model's fallback_below_mm says it cannot help
         self.model = model
         self.pre = preprocessor
         self.sampler = SliceSampler(
@@ -198,9 +204,23 @@ class LearnedMidpoints:
         """The 2D+T model generates whole cines: the bisection must not split the phases."""
         return self.model.temporal
 
+    def neighbour_gap_mm(self, level):
+        """Distance between the neighbours at bisection ``level`` (level 0: two acquisitions
+        apart, the leave-one-out protocol); None if the stack's slice spacing is unknown."""
+        spacing = getattr(self.pre, "slice_spacing", None)
+        return None if spacing is None else spacing * 2.0 ** (1 - level)
+
+    def falls_back(self, level):
+        gap, limit = self.neighbour_gap_mm(level), self.model.fallback_below_mm
+        return bool(self.fallback and not self.latent_blend and limit and gap is not None and gap < limit - 1e-6)
+
     @torch.inference_mode()
     def __call__(self, left, right, level, phase_offset=0):
         gaps, phases, x, y = left.shape
+        if self.falls_back(level):
+            if self.progress is not None:
+                self.progress.update(gaps if self.model.temporal else gaps * phases)
+            return 0.5 * (left + right)
         if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
             items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)
             keys = [(k,) for k in range(gaps)]

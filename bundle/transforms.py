@@ -103,6 +103,7 @@ class SlicePreprocessor:
     input_size: tuple
     model_size: tuple
     multiple: int = 8
+    slice_spacing: float | None = None  # mm between acquired slices (tells the bisection gaps)
 
     @classmethod
     def for_stack(cls, stack, model_spacing=None, multiple=8):
@@ -112,6 +113,7 @@ class SlicePreprocessor:
             tuple(size_xy),
             model_grid_size(size_xy, stack.pixel_spacing, model_spacing),
             multiple,
+            stack.slice_spacing,
         )
 
     def forward(self, images: torch.Tensor):

@@ -178,3 +178,23 @@ def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weight
     np.testing.assert_allclose(
         read_sax(std_map_path(tmp_path / "m.nii.gz")).array, np.std(draws, 0), rtol=1e-4, atol=1e-2
     )
+
+
+def test_fallback_to_linear_below_the_models_narrowest_gap(tmp_path, phantom_subject):
+    from conftest import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "w")  # perturbed: the model differs from linear
+    info = json.loads((weights / "model.json").read_text())
+    (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 6.0}))
+    model = load_model(weights)
+    stack = phantom_subject.sparse  # 8 mm slices: level 1 gaps are 8 mm, level 2 gaps 4 mm
+    pre = SlicePreprocessor.for_stack(stack, None, model.size_multiple)
+    predictor = LearnedMidpoints(model, pre, num_steps=1)
+    assert [predictor.neighbour_gap_mm(level) for level in (0, 1, 2)] == pytest.approx([16.0, 8.0, 4.0])
+    slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
+    left, right = slices[:2, :1], slices[1:3, :1]
+    linear = 0.5 * (left + right)
+    assert torch.equal(predictor(left, right, 2), linear)
+    assert not torch.allclose(predictor(left, right, 1), linear, atol=1e-3)
+    unrestricted = LearnedMidpoints(model, pre, num_steps=1, fallback=False)
+    assert not torch.allclose(unrestricted(left, right, 2), linear, atol=1e-3)
