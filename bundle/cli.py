@@ -43,7 +43,7 @@ class Commands:
         output,
         factor=2,
         method="calid",
-        steps=8,
+        steps=None,
         refine=False,
         samples=1,
         seed=0,
@@ -60,9 +60,10 @@ class Commands:
 
         Writes OUTPUT (NIfTI): (Z - 1) * FACTOR + 1 slices, same in-plane grid, acquired slices
         unchanged. --method calid (default, weights from models/ or --weights DIR) or linear;
-        --steps DDIM steps; --refine starts from the slerp of the neighbours' inverted latents
-        (CaLID+); --samples N writes the mean of N draws and OUTPUT_std.nii.gz; --preview PNG
-        shows acquired vs generated slices and a long-axis reslice.
+        --steps DDIM steps (default: the model's shipped setting); --refine starts from the slerp
+        of the neighbours' inverted latents (CaLID+); --samples N writes the mean of N draws and
+        OUTPUT_std.nii.gz; --preview PNG shows acquired vs generated slices and a long-axis
+        reslice. Between neighbours closer than the model's fallback_below_mm, linear.
         """
         from .upsample import upsample_file
 
@@ -84,7 +85,7 @@ class Commands:
             chunk_size=chunk_size,
             precision=precision,
         )
-        label = method if method == "linear" else f"{'calid+' if refine else 'calid'}, {steps} steps"
+        label = method if method == "linear" else f"{dense.meta['method']}, {dense.meta['steps']} steps"
         print(_describe(stack, f"input {input}"))
         print(_describe(dense, f"wrote {output} ({label}, x{factor})"))
         print(f"runtime: {seconds:.2f} s")

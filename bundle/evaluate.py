@@ -14,6 +14,7 @@ Sunnybrook contours or the phantom's labels, else the image centre).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
 
 HEART_MM = 80.0
+logger = logging.getLogger(__name__)
 
 
 def heart_box(stack, centre_xy=None, heart_mm=HEART_MM):
@@ -80,6 +82,7 @@ def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptu
         start = time.perf_counter()
         pred = predictor(slices[:-2], slices[2:], 0)
         seconds = time.perf_counter() - start
+        logger.info("%s: %d slices in %.1f s", name, pred.shape[0] * pred.shape[1], seconds)
         scaled = scaler(pred.flatten(0, 1).numpy())
         result[name] = scores(scaled, truth, box)
         result[name]["seconds_per_slice"] = seconds / len(scaled)
@@ -89,11 +92,14 @@ def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptu
     return result, predictions
 
 
-def steps_sweep(stack, model, steps_list, centre_xy=None, phases=None, seed=0, device="cpu"):
+def steps_sweep(stack, model, steps_list, centre_xy=None, phases=None, seed=0, device="cpu", fallback=True):
     """CaLID and CaLID+ at each number of DDIM steps: heart-region quality and time per slice."""
     sweep = {"calid": {}, "calid+": {}}
     for steps in steps_list:
-        predictors = make_predictors(stack, model, steps, seed, device, baselines=False)
+        logger.info("steps sweep: %d DDIM steps", steps)
+        predictors = make_predictors(
+            stack, model, steps, seed, device, baselines=False, fallback=fallback, spacing_mm=2 * stack.slice_spacing
+        )
         result, _ = leave_one_out(stack, {k: predictors[k] for k in sweep}, centre_xy, phases)
         for name in sweep:
             sweep[name][int(steps)] = {k: result[name][k] for k in ("psnr_heart", "ssim_heart", "seconds_per_slice")}
@@ -121,16 +127,21 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
     return result
 
 
-def make_predictors(stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True, fallback=True):
+def make_predictors(
+    stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True, fallback=True, spacing_mm=None
+):
     """linear; with a loaded CaLIDModel also the VAE-only baselines (linear and slerp of the
     neighbours' latents, ``baselines``), CaLID (seeded noise) and CaLID+ (``--refine``).
-    ``fallback=False`` uses the model at every gap, ignoring its ``fallback_below_mm``."""
+    ``fallback=False`` uses the model at every gap, ignoring its ``fallback_below_mm``;
+    ``spacing_mm`` is the distance between the neighbours of level 0 (default: the stack's)."""
     predictors = {"linear": linear_midpoints}
     if model is not None:
         from .inference import LearnedMidpoints
         from .transforms import SlicePreprocessor
 
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        if spacing_mm is not None:
+            pre.slice_spacing = spacing_mm
         common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=fallback)
         if baselines:
             for how in ("linear", "slerp"):
@@ -215,21 +226,24 @@ def evaluate(
         segmenter, report["segmenter"] = _train_segmenter(segment_train, segment_iterations, seed, device, out_dir)
     for study in studies:
         study = Path(study)
+        logger.info("leave-one-out on %s", study.name)
         stack = read_sax(_dicom_dir(study))
         centre = lv_centre_from_contours(study)
-        predictors = make_predictors(stack, model, steps, seed, device, fallback=fallback)
+        loo = 2 * stack.slice_spacing  # leave-one-out neighbours are two acquisitions apart
+        predictors = make_predictors(stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo)
         report["real"][study.name], predictions = leave_one_out(stack, predictors, centre, perceptual=perceptual)
         box = heart_box(stack, centre)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
         if model is not None and sweep_steps:
             phases = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
-            report["sweep"][study.name] = steps_sweep(stack, model, sweep_steps, centre, phases, seed, device)
+            report["sweep"][study.name] = steps_sweep(stack, model, sweep_steps, centre, phases, seed, device, fallback)
             report["sweep_phases"] = phases.tolist()
         if segmenter is not None:
             report["downstream"][study.name] = _downstream(segmenter, study, stack, predictions, device)
     if phantom_dir:
         for path in list_studies(phantom_dir):
             name = study_name(path)
+            logger.info("x4 on phantom %s", name)
             sparse = read_sax(path)
             truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
@@ -256,7 +270,7 @@ def markdown(report):
     rule = "|---|---|---|---|---|---|---|---|"
     if report["real"]:
         lines += ["", "## Real studies, leave-one-out (neighbours two acquisitions apart), all phases", ""]
-        lines += [header[:-1] + " LPIPS | rFID | s/slice |", rule + "---|---|---|"]
+        lines += [header + " LPIPS | rFID | s/slice |", rule + "---|---|---|"]
         for study, methods in report["real"].items():
             label = f"{study} ({'in-sample' if study in trained else 'held out'})" if trained else study
             for method, s in methods.items():

@@ -40,6 +40,7 @@ class CaLIDModel:
     # below this distance between neighbours (mm) the model does not beat linear interpolation
     # (measured per bisection level, docs/README.md), so those gaps are interpolated linearly
     fallback_below_mm: float | None = None
+    default_steps: int = 8  # DDIM steps when none are asked for: the shipped setting
 
     @property
     def temporal(self):
@@ -116,6 +117,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         prediction=network.prediction,
         trained_on=info.get("trained_on"),
         fallback_below_mm=info.get("fallback_below_mm"),
+        default_steps=int(info.get("steps", 8)),
     )
 
 
@@ -176,6 +178,7 @@ class LearnedMidpoints:
             model.autoencoder, model.denoiser, model.latent_scale, num_steps=num_steps, prediction=model.prediction
         )
         self.refine = refine
+        self.num_steps = num_steps
         self.seed, self.sample = seed, sample
         self.chunk_size = max(1, int(chunk_size))
         self.device = torch.device(device)
@@ -205,10 +208,10 @@ class LearnedMidpoints:
         return self.model.temporal
 
     def neighbour_gap_mm(self, level):
-        """Distance between the neighbours at bisection ``level`` (level 0: two acquisitions
-        apart, the leave-one-out protocol); None if the stack's slice spacing is unknown."""
+        """Distance between the neighbours at bisection ``level`` (0: the slice spacing of the
+        stack being bisected); None if the spacing is unknown."""
         spacing = getattr(self.pre, "slice_spacing", None)
-        return None if spacing is None else spacing * 2.0 ** (1 - level)
+        return None if spacing is None else spacing * 2.0**-level
 
     def falls_back(self, level):
         gap, limit = self.neighbour_gap_mm(level), self.model.fallback_below_mm

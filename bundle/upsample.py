@@ -121,7 +121,7 @@ def upsample_file(
     output_path,
     factor=2,
     method="calid",
-    num_inference_steps=8,
+    num_inference_steps=None,
     refine=False,
     samples=1,
     seed=0,
@@ -196,7 +196,8 @@ def upsample_file(
             m2[:, :, ::factor] = 0.0
             std = SaxStack(m2, dense.affine, dict(dense.meta))
         if method != "linear":
-            dense.meta.update(method="calid+" if refine else "calid", steps=num_inference_steps, seed=seed)
+            steps = predictors[0].num_steps  # the model's shipped setting when none was asked for
+            dense.meta.update(method="calid+" if refine else "calid", steps=steps, seed=seed)
         if std is not None:  # first: an existing main output then means a complete study
             write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
         write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
@@ -264,7 +265,7 @@ def _calid_predictors(
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
     return [
         LearnedMidpoints(
-            model, pre, num_steps=steps, refine=refine, seed=seed, sample=sample,
+            model, pre, num_steps=steps or model.default_steps, refine=refine, seed=seed, sample=sample,
             chunk_size=chunk_size, device=device, precision=precision, progress=bar,
         )  # fmt: skip
         for sample in range(samples)

@@ -112,3 +112,18 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
     assert "| SYNTH01 | latent-slerp |" in text and "## DDIM steps, SYNTH01" in text and "## Downstream" in text
     with pytest.raises(Exception, match="holds a report"):  # nothing overwritten
         evaluate(out, [contoured_study])
+
+
+def test_leave_one_out_predictors_know_their_neighbours_are_two_slices_apart(phantom_subject, tmp_path):
+    from conftest import write_tiny_weights
+
+    from bundle.evaluate import make_predictors
+    from bundle.inference import load_model
+
+    model = load_model(write_tiny_weights(tmp_path / "w"))
+    stack = phantom_subject.sparse  # 8 mm
+    bisecting = make_predictors(stack, model)["calid"]
+    leaving_out = make_predictors(stack, model, spacing_mm=2 * stack.slice_spacing)["calid"]
+    assert bisecting.neighbour_gap_mm(0) == pytest.approx(8.0) and leaving_out.neighbour_gap_mm(0) == pytest.approx(
+        16.0
+    )

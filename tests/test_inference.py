@@ -187,14 +187,14 @@ def test_fallback_to_linear_below_the_models_narrowest_gap(tmp_path, phantom_sub
     info = json.loads((weights / "model.json").read_text())
     (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 6.0}))
     model = load_model(weights)
-    stack = phantom_subject.sparse  # 8 mm slices: level 1 gaps are 8 mm, level 2 gaps 4 mm
+    stack = phantom_subject.sparse  # 8 mm slices: level 0 gaps are 8 mm, level 1 gaps 4 mm
     pre = SlicePreprocessor.for_stack(stack, None, model.size_multiple)
     predictor = LearnedMidpoints(model, pre, num_steps=1)
-    assert [predictor.neighbour_gap_mm(level) for level in (0, 1, 2)] == pytest.approx([16.0, 8.0, 4.0])
+    assert [predictor.neighbour_gap_mm(level) for level in (0, 1, 2)] == pytest.approx([8.0, 4.0, 2.0])
     slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
     left, right = slices[:2, :1], slices[1:3, :1]
     linear = 0.5 * (left + right)
-    assert torch.equal(predictor(left, right, 2), linear)
-    assert not torch.allclose(predictor(left, right, 1), linear, atol=1e-3)
+    assert torch.equal(predictor(left, right, 1), linear)
+    assert not torch.allclose(predictor(left, right, 0), linear, atol=1e-3)
     unrestricted = LearnedMidpoints(model, pre, num_steps=1, fallback=False)
-    assert not torch.allclose(unrestricted(left, right, 2), linear, atol=1e-3)
+    assert not torch.allclose(unrestricted(left, right, 1), linear, atol=1e-3)
