@@ -172,6 +172,7 @@ class LearnedMidpoints:
             raise ValueError(f"latent_blend must be None, 'linear' or 'slerp', got {latent_blend!r}")
         self.latent_blend = latent_blend  # a baseline: the VAE alone, no denoiser
         self.fallback = fallback  # linear where the model's fallback_below_mm says it cannot help
+        self.fell_back = set()  # the levels interpolated linearly, to tell the user
         self.model = model
         self.pre = preprocessor
         self.sampler = SliceSampler(
@@ -221,6 +222,7 @@ class LearnedMidpoints:
     def __call__(self, left, right, level, phase_offset=0):
         gaps, phases, x, y = left.shape
         if self.falls_back(level):
+            self.fell_back.add(level)
             if self.progress is not None:
                 self.progress.update(gaps if self.model.temporal else gaps * phases)
             return 0.5 * (left + right)

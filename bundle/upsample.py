@@ -198,6 +198,15 @@ def upsample_file(
         if method != "linear":
             steps = predictors[0].num_steps  # the model's shipped setting when none was asked for
             dense.meta.update(method="calid+" if refine else "calid", steps=steps, seed=seed)
+            fell_back = sorted(predictors[0].fell_back)
+            if fell_back:
+                gaps = ", ".join(f"{predictors[0].neighbour_gap_mm(level):.1f} mm" for level in fell_back)
+                logger.warning(
+                    "linear interpolation between neighbours %s apart: the model does not beat it below %g mm "
+                    "(fallback_below_mm in model.json)",
+                    gaps,
+                    predictors[0].model.fallback_below_mm,
+                )
         if std is not None:  # first: an existing main output then means a complete study
             write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
         write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])

@@ -196,5 +196,6 @@ def test_fallback_to_linear_below_the_models_narrowest_gap(tmp_path, phantom_sub
     linear = 0.5 * (left + right)
     assert torch.equal(predictor(left, right, 1), linear)
     assert not torch.allclose(predictor(left, right, 0), linear, atol=1e-3)
+    assert predictor.fell_back == {1}  # upsample_file tells the user
     unrestricted = LearnedMidpoints(model, pre, num_steps=1, fallback=False)
     assert not torch.allclose(unrestricted(left, right, 1), linear, atol=1e-3)
