@@ -8,7 +8,9 @@
 
 Intensities are scaled by each study's robust range (0.5-99.5 percentiles to 0-1) before
 PSNR/SSIM; the heart region is a square of ``heart_mm`` around the LV centre (from the
-Sunnybrook contours or the phantom's labels, else the image centre).
+Sunnybrook contours or the phantom's labels, else the image centre). Methods: linear, the
+VAE-only latent blends, CaLID and CaLID+; with them a DDIM steps sweep, LPIPS/rFID where their
+weights are local, and the downstream segmentation check of :mod:`bundle.downstream`.
 """
 
 from __future__ import annotations
@@ -59,11 +61,6 @@ def scores(pred, truth, box):
         "psnr_heart": float(psnr(ph, th).mean()),
         "ssim_heart": float(ssim(ph, th).mean()),
     }
-
-
-def heart_crop(images, box):
-    x0, x1, y0, y1 = box
-    return images[..., x0:x1, y0:y1]
 
 
 def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptual=None):
