@@ -135,6 +135,7 @@ class Commands:
         alexnet_weights=None,
         overwrite=False,
         fallback=True,
+        perceptual=True,
     ):
         """Compare linear interpolation (and, with --weights, linear and slerp in the VAE's
         latent space, CaLID and CaLID+) with the truth: leave-one-out on real STUDIES (folders
@@ -142,7 +143,8 @@ class Commands:
         sweep on --sweep-phases phases; with --segment-train STUDIES a U-Net trained on their
         contours segments every contoured leave-one-out slice (Dice, ASD); x4 per bisection level
         on a `calid phantom` folder. --nofallback uses the model at every gap, ignoring the
-        narrowest gap it is shipped for. Writes OUT_DIR/report.json, report.md and figures/."""
+        narrowest gap it is shipped for; --noperceptual skips LPIPS and rFID (slow on a CPU).
+        Writes OUT_DIR/report.json, report.md and figures/."""
         from .evaluate import evaluate
 
         def as_list(value):
@@ -163,6 +165,7 @@ class Commands:
             alexnet_weights=alexnet_weights,
             overwrite=overwrite,
             fallback=fallback,
+            perceptual=perceptual,
         )
         print((Path(out_dir) / "report.md").read_text())
 

@@ -190,6 +190,7 @@ def evaluate(
     alexnet_weights=None,
     overwrite=False,
     fallback=True,
+    perceptual=True,
 ):
     """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
     ``out_dir``; returns the report. See the module docstring for the protocol."""
@@ -204,7 +205,7 @@ def evaluate(
         raise SaxInputError(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(weights_dir, device=device) if weights_dir else None  # once, for every study
-    perceptual = PerceptualMetrics(alexnet_weights, device=device)
+    perceptual = PerceptualMetrics(alexnet_weights, device=device) if perceptual else None
     report = {
         "protocol": __doc__.strip(),
         "steps": steps,
@@ -212,7 +213,7 @@ def evaluate(
         "trained_on": getattr(model, "trained_on", None),
         # gaps narrower than this (mm) are interpolated linearly by CaLID (unless fallback=False)
         "fallback_below_mm": getattr(model, "fallback_below_mm", None) if fallback else None,
-        "skipped": dict(perceptual.skipped),
+        "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},
         "downstream": {},

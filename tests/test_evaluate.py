@@ -52,7 +52,8 @@ def test_report_with_an_untrained_residual_model_shows_no_gain(phantom_dir, tmp_
     from conftest import write_tiny_weights
 
     weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
-    report = evaluate(tmp_path / "ev", phantom_dir=phantom_dir, weights_dir=weights, steps=1)
+    report = evaluate(tmp_path / "ev", phantom_dir=phantom_dir, weights_dir=weights, steps=1, perceptual=False)
+    assert report["skipped"] == {"lpips": "not asked for", "rfid": "not asked for"}
     for methods in report["phantom"].values():
         for level, linear in methods["linear"].items():
             assert methods["calid"][level]["psnr"] == pytest.approx(linear["psnr"], abs=0.05)
