@@ -59,6 +59,11 @@ def load_lpips(alexnet_path):
     return model.requires_grad_(False).eval()
 
 
+def _grey_to_rgb(images):
+    """(N, H, W) -> (N, 3, H, W) float32: the ImageNet networks take three channels."""
+    return torch.as_tensor(images, dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+
+
 class PerceptualMetrics:
     """LPIPS and rFID where their weights are on this machine; ``skipped`` says why not.
 
@@ -87,15 +92,14 @@ class PerceptualMetrics:
         """Mean LPIPS over (N, H, W) images in [0, 1]."""
         values = []
         for i in range(0, len(pred), batch_size):
-            p = torch.as_tensor(pred[i : i + batch_size], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
-            t = torch.as_tensor(target[i : i + batch_size], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+            p, t = _grey_to_rgb(pred[i : i + batch_size]), _grey_to_rgb(target[i : i + batch_size])
             values.append(self.lpips(p.to(self.device), t.to(self.device), normalize=True).flatten().cpu())
         return float(torch.cat(values).mean())
 
     def _features(self, images, batch_size=32):
         feats = []
         for i in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+            x = _grey_to_rgb(images[i : i + batch_size])
             feats.append(self.fid.extract_feats(x, (0, 1), resize_hw=(299, 299), resample_mode="nv_bilinear_float"))
         return np.concatenate(feats).astype(np.float64)
 

@@ -36,6 +36,16 @@ def _row(tiles, gap=4):
     return row
 
 
+def _stack_rows(rows, gap=6):
+    width = max(r.width for r in rows)
+    canvas = Image.new("L", (width, sum(r.height for r in rows) + gap * (len(rows) - 1)), 32)
+    top = 0
+    for r in rows:
+        canvas.paste(r, (0, top))
+        top += r.height + gap
+    return canvas
+
+
 def _reslice(stack: SaxStack, array, y, low, high):
     """Long-axis plane at row ``y`` as uint8 (x, height), nearest-neighbour stretched so that
     millimetres are square: each slice shows as a band as thick as the slice step."""
@@ -77,25 +87,10 @@ def save_preview(input_stack: SaxStack, output_stack: SaxStack, path, phase=0, m
             ),
         ]
     )
-    top = _row(tiles)
-    width = max(top.width, bottom.width)
-    canvas = Image.new("L", (width, top.height + bottom.height + 6), 32)
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height + 6))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    _stack_rows([_row(tiles), bottom]).save(path)
     return path
-
-
-def _stack_rows(rows, gap=6):
-    width = max(r.width for r in rows)
-    canvas = Image.new("L", (width, sum(r.height for r in rows) + gap * (len(rows) - 1)), 32)
-    top = 0
-    for r in rows:
-        canvas.paste(r, (0, top))
-        top += r.height + gap
-    return canvas
 
 
 def save_evaluation_figure(stack: SaxStack, predictions: dict, box, path, phase=0, error_range=0.25):
