@@ -129,7 +129,7 @@ def check_batch_options(factor, options):
     import inspect
 
     from .inference import check_weights
-    from .upsample import METHODS, bisection_levels, upsample_file
+    from .upsample import DEFAULT_METHOD, METHODS, bisection_levels, upsample_file
 
     per_study = {"input_path", "output_path", "factor", "preview_path", "phase", "series_uid", "progress"}
     allowed = set(inspect.signature(upsample_file).parameters) - per_study
@@ -137,7 +137,7 @@ def check_batch_options(factor, options):
     if unknown:
         raise SaxInputError(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
     bisection_levels(factor)
-    method = options.get("method", "calid")
+    method = options.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if method == "calid":

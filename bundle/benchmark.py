@@ -8,6 +8,7 @@ import torch
 
 from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, PerceptualTerm, make_ema
 from .inference import resolve_device
+from .io import SaxInputError
 from .networks import build_discriminator, build_networks, count_parameters, preset
 from .sampling import make_noise_scheduler
 
@@ -88,19 +89,26 @@ def _random_model(preset_name, temporal, device):
     return CaLIDModel(vae.to(device).eval(), denoiser.to(device).eval(), 1.0, dims, net, None, f"random {preset_name}")
 
 
-def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision):
-    """Runs in a fresh process so that its peak memory is its own."""
+def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision, method="calid"):
+    """Runs in a fresh process so that its peak memory is its own. For ``method`` flow,
+    ``chunk_size`` 1 means one pair per solve; otherwise the default memory budget decides."""
     import resource
 
     from .inference import LearnedMidpoints, load_model
+    from .motion import FlowMidpoints
     from .transforms import SlicePreprocessor
     from .upsample import upsample_stack
 
     device = resolve_device(device_name)
-    weights, preset_name, temporal = model_spec
-    model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)
-    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-    predictor = LearnedMidpoints(model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision)
+    if method == "flow":
+        predictor = FlowMidpoints(device=device) if chunk_size > 1 else FlowMidpoints(device=device, memory_budget_mb=1)
+    else:
+        weights, preset_name, temporal = model_spec
+        model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)
+        pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        predictor = LearnedMidpoints(
+            model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision, fallback=False
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -129,8 +137,12 @@ def inference_speed(
     chunk_size=None,
     loop=True,
     precision="auto",
+    method="calid",
 ):
-    """Wall time and peak memory to upsample a phantom cine, batched vs a per-slice loop."""
+    """Wall time and peak memory to upsample a phantom cine, batched vs a per-slice loop, with
+    the learned model (``method`` calid) or flow midpoints (``method`` flow)."""
+    if method not in ("calid", "flow"):
+        raise SaxInputError(f"benchmark --method is calid or flow, got {method!r}")
     import multiprocessing
 
     from .phantom import make_subject
@@ -143,17 +155,19 @@ def inference_speed(
     context = multiprocessing.get_context("spawn")
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "model": weights or f"random {preset_name} ({'2D+T' if temporal else '2D'})",
+        "method": method,
+        "model": None if method == "flow" else weights or f"random {preset_name} ({'2D+T' if temporal else '2D'})",
         "input": f"{slices} slices x {phases} phases x {size}x{size}",
         "factor": factor,
-        "steps": steps,
+        "steps": steps if method == "calid" else None,
         "generated_slices": generated,
         "torch_threads": torch.get_num_threads(),
     }
     for name, chunk in runs:
         with context.Pool(1) as pool:
             measured = pool.apply(
-                _upsample_once, ((weights, preset_name, temporal), stack, factor, steps, chunk, str(device), precision)
+                _upsample_once,
+                ((weights, preset_name, temporal), stack, factor, steps, chunk, str(device), precision, method),
             )
         measured["chunk_size"] = chunk
         measured["seconds_per_generated_slice"] = measured["seconds"] / generated

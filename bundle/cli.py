@@ -25,6 +25,14 @@ def _describe(stack, label):
     )
 
 
+def _refuse_model_options(method, weights=None, steps=None, refine=False, **_):
+    """Options of the learned model given with another method would be silently ignored."""
+    if method != "calid" and (weights is not None or steps is not None or refine):
+        raise SaxInputError(
+            f"--weights, --steps and --refine are for --method calid; --method {method} does not use a model"
+        )
+
+
 class Commands:
     """CaLID: dense short-axis cine volumes from sparse stacks."""
 
@@ -42,7 +50,7 @@ class Commands:
         input,
         output,
         factor=2,
-        method="calid",
+        method="flow",
         steps=None,
         refine=False,
         samples=1,
@@ -59,14 +67,16 @@ class Commands:
         """Upsample INPUT (NIfTI or DICOM folder) by FACTOR (a power of two) along the slices.
 
         Writes OUTPUT (NIfTI): (Z - 1) * FACTOR + 1 slices, same in-plane grid, acquired slices
-        unchanged. --method calid (default, weights from models/ or --weights DIR) or linear;
+        unchanged. --method flow (default: motion-compensated midpoints, no weights), calid (the
+        learned model, weights from models/ or --weights DIR) or linear;
         --steps DDIM steps (default: the model's shipped setting); --refine starts from the slerp
         of the neighbours' inverted latents (CaLID+); --samples N writes the mean of N draws and
         OUTPUT_std.nii.gz; --preview PNG shows acquired vs generated slices and a long-axis
-        reslice. Between neighbours closer than the model's fallback_below_mm, linear.
+        reslice. Between neighbours closer than the model's fallback_below_mm, CaLID uses flow.
         """
         from .upsample import upsample_file
 
+        _refuse_model_options(method, weights=weights, steps=steps, refine=refine)
         stack, dense, seconds = upsample_file(
             input,
             output,
@@ -85,7 +95,7 @@ class Commands:
             chunk_size=chunk_size,
             precision=precision,
         )
-        label = method if method == "linear" else f"{dense.meta['method']}, {dense.meta['steps']} steps"
+        label = dense.meta["method"] + (f", {dense.meta['steps']} steps" if "steps" in dense.meta else "")
         print(_describe(stack, f"input {input}"))
         print(_describe(dense, f"wrote {output} ({label}, x{factor})"))
         print(f"runtime: {seconds:.2f} s")
@@ -111,6 +121,7 @@ class Commands:
 
         if "preview" in options:
             raise SaxInputError("--preview is for one study: use calid upsample")
+        _refuse_model_options(**{"method": "flow", **options})
         renamed = {"steps": "num_inference_steps", "weights": "weights_dir"}
         options = {renamed.get(k, k): v for k, v in options.items()}
         failed, counts = distributed_batch(source, out_dir, factor, memory_budget_mb=memory_budget_mb, **options)
@@ -136,14 +147,19 @@ class Commands:
         overwrite=False,
         fallback=True,
         perceptual=True,
+        reference=True,
+        labelled_stacks=None,
     ):
-        """Compare linear interpolation (and, with --weights, linear and slerp in the VAE's
-        latent space, CaLID and CaLID+) with the truth: leave-one-out on real STUDIES (folders
+        """Compare linear interpolation, flow midpoints and the TV-L1 reference (scikit-image, slow;
+        --noreference skips it), and with --weights linear and slerp in the VAE's latent space,
+        CaLID and CaLID+, with the truth: leave-one-out on real STUDIES (folders
         with dicom/ and, for the heart region, Sunnybrook contours/), every phase; a DDIM steps
         sweep on --sweep-phases phases; with --segment-train STUDIES a U-Net trained on their
         contours segments every contoured leave-one-out slice (Dice, ASD); x4 per bisection level
         on a `calid phantom` folder. --nofallback uses the model at every gap, ignoring the
-        narrowest gap it is shipped for; --noperceptual skips LPIPS and rFID (slow on a CPU).
+        narrowest gap it is shipped for; --noperceptual skips LPIPS and rFID (slow on a CPU);
+        --labelled-stacks DIR adds leave-one-out on every NAME.nii.gz there with NAME_labels.nii.gz
+        for the heart region, each slice normalised on its own (the Sunnybrook ED/ES stacks).
         Writes OUT_DIR/report.json, report.md and figures/."""
         from .evaluate import evaluate
 
@@ -166,6 +182,8 @@ class Commands:
             overwrite=overwrite,
             fallback=fallback,
             perceptual=perceptual,
+            reference=reference,
+            labelled_stacks=labelled_stacks,
         )
         print((Path(out_dir) / "report.md").read_text())
 
@@ -233,6 +251,7 @@ class Commands:
     def benchmark(self, **options):
         """Benchmark: wall time and peak memory to upsample a phantom cine (default 12 slices x
         20 phases x 256x256, x4, 8 steps), batched vs a per-slice loop. Options (defaults):
+        --method calid (the learned model) or flow (flow midpoints; no model options),
         --preset cpu (random weights of a preset) or --weights DIR, --temporal False,
         --slices 12, --phases 20, --size 256, --factor 4, --steps 8, --device auto,
         --chunk-size (64 on CUDA, 8 on CPU), --loop True, --precision auto."""

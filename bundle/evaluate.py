@@ -9,8 +9,10 @@
 Intensities are scaled by each study's robust range (0.5-99.5 percentiles to 0-1) before
 PSNR/SSIM; the heart region is a square of ``heart_mm`` around the LV centre (from the
 Sunnybrook contours or the phantom's labels, else the image centre). Methods: linear, the
-VAE-only latent blends, CaLID and CaLID+; with them a DDIM steps sweep, LPIPS/rFID where their
-weights are local, and the downstream segmentation check of :mod:`bundle.downstream`.
+motion-compensated flow midpoint (the product's default), the TV-L1 reference (scikit-image,
+slow, for comparison only), the VAE-only latent blends, CaLID and CaLID+; with them a DDIM steps
+sweep, LPIPS/rFID where their weights are local, and the downstream segmentation check of
+:mod:`bundle.downstream`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from .io import SaxInputError, read_sax
 from .metrics import psnr, ssim
+from .motion import FlowMidpoints, warp
 from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
 
@@ -124,14 +127,62 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
     return result
 
 
+class TVL1Reference:
+    """The reference for the flow predictor: scikit-image's TV-L1 in both directions on each slice
+    normalised to its own [1, 99] percentiles, each neighbour warped half way along its flow,
+    the two averaged. Seconds per slice on a CPU: for evaluation only."""
+
+    name = "tvl1"
+    needs_all_phases = False
+
+    def __call__(self, left, right, level=0, phase_offset=0):
+        from skimage.registration import optical_flow_tvl1
+
+        gaps, phases, x, y = left.shape
+        a, b = left.reshape(-1, x, y).float(), right.reshape(-1, x, y).float()
+        out = torch.empty_like(a)
+        for i in range(len(a)):
+            na, nb = (_percentile_normalised(v.numpy()) for v in (a[i], b[i]))
+            flow_ab = torch.from_numpy(optical_flow_tvl1(na, nb))[None].float()  # b(x + flow) ~ a(x)
+            flow_ba = torch.from_numpy(optical_flow_tvl1(nb, na))[None].float()
+            from_a = warp(a[i][None, None], 0.5 * flow_ba)
+            from_b = warp(b[i][None, None], 0.5 * flow_ab)
+            out[i] = 0.5 * (from_a + from_b)[0, 0]
+        return out.reshape(gaps, phases, x, y).to(left.dtype)
+
+    def describe(self):
+        return {"method": self.name}
+
+    def close(self):
+        pass
+
+
+def _percentile_normalised(image, lower=1, upper=99):
+    lo, hi = np.percentile(image, [lower, upper])
+    return np.clip((image - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
+
+
 def make_predictors(
-    stack, model=None, steps=1, seed=0, device="cpu", chunk_size=8, baselines=True, fallback=True, spacing_mm=None
+    stack,
+    model=None,
+    steps=1,
+    seed=0,
+    device="cpu",
+    chunk_size=8,
+    baselines=True,
+    fallback=True,
+    spacing_mm=None,
+    reference=False,
 ):
-    """linear; with a loaded CaLIDModel also the VAE-only baselines (linear and slerp of the
-    neighbours' latents, ``baselines``), CaLID (seeded noise) and CaLID+ (``--refine``).
-    ``fallback=False`` uses the model at every gap, ignoring its ``fallback_below_mm``;
-    ``spacing_mm`` is the distance between the neighbours of level 0 (default: the stack's)."""
-    predictors = {"linear": linear_midpoints}
+    """linear and flow (and the TV-L1 ``reference``); with a loaded CaLIDModel also the VAE-only
+    baselines (linear and slerp of the neighbours' latents, ``baselines``), CaLID (seeded noise)
+    and CaLID+ (``--refine``). ``fallback=False`` uses the model at every gap, ignoring its
+    ``fallback_below_mm`` (below it: flow); ``spacing_mm`` is the distance between the
+    neighbours of level 0 (default: the stack's)."""
+    flow = FlowMidpoints(device=device)
+    predictors = {"linear": linear_midpoints, "flow": flow}
+    if reference:
+        predictors["tvl1"] = TVL1Reference()
     if model is not None:
         from .inference import LearnedMidpoints
         from .transforms import SlicePreprocessor
@@ -139,7 +190,7 @@ def make_predictors(
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
         if spacing_mm is not None:
             pre.slice_spacing = spacing_mm
-        common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=fallback)
+        common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False)
         if baselines:
             for how in ("linear", "slerp"):
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
@@ -191,6 +242,8 @@ def evaluate(
     overwrite=False,
     fallback=True,
     perceptual=True,
+    reference=True,
+    labelled_stacks=None,
 ):
     """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
     ``out_dir``; returns the report. See the module docstring for the protocol."""
@@ -211,13 +264,14 @@ def evaluate(
         "steps": steps,
         "weights": str(weights_dir),
         "trained_on": getattr(model, "trained_on", None),
-        # gaps narrower than this (mm) are interpolated linearly by CaLID (unless fallback=False)
+        # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
         "fallback_below_mm": getattr(model, "fallback_below_mm", None) if fallback else None,
         "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},
         "downstream": {},
         "phantom": {},
+        "labelled_stacks": {},
     }
     segmenter = None
     if segment_train:
@@ -228,7 +282,9 @@ def evaluate(
         stack = read_sax(_dicom_dir(study))
         centre = lv_centre_from_contours(study)
         loo = 2 * stack.slice_spacing  # leave-one-out neighbours are two acquisitions apart
-        predictors = make_predictors(stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo)
+        predictors = make_predictors(
+            stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
+        )
         report["real"][study.name], predictions = leave_one_out(stack, predictors, centre, perceptual=perceptual)
         box = heart_box(stack, centre)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
@@ -245,27 +301,58 @@ def evaluate(
             sparse = read_sax(path)
             truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
-            predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback)
+            predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback, reference=reference)
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors)
+    for path in sorted(Path(labelled_stacks).glob("*.nii.gz")) if labelled_stacks else ():
+        if path.name.endswith(f"{LABELS_SUFFIX}.nii.gz"):
+            continue
+        logger.info("leave-one-out on %s", path.name)
+        stack, centre = per_slice_normalised_stack(path)
+        loo = 2 * stack.slice_spacing
+        predictors = make_predictors(
+            stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
+        )
+        report["labelled_stacks"][path.name[: -len(".nii.gz")]] = leave_one_out(stack, predictors, centre)[0]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown(report))
     return report
 
 
+def per_slice_normalised_stack(path):
+    """A stack whose slices were each windowed on their own (the Sunnybrook ED/ES export), every
+    slice divided by its own 99th percentile so that neighbours share a scale, and the LV centre
+    from ``NAME_labels.nii.gz`` beside it (None without one)."""
+    from .phantom import LABELS_SUFFIX
+
+    stack = read_sax(path)
+    array = stack.array.astype(np.float64)
+    top = np.percentile(array, 99, axis=(0, 1), keepdims=True)
+    stack.array = array / np.maximum(top, 1e-12)
+    labels_path = Path(path).with_name(Path(path).name[: -len(".nii.gz")] + f"{LABELS_SUFFIX}.nii.gz")
+    centre = None
+    if labels_path.exists():
+        lv = np.argwhere(read_sax(labels_path).array[..., 0] > 0)
+        centre = tuple(lv[:, :2].mean(0)) if len(lv) else None
+    return stack, centre
+
+
 def markdown(report):
     trained = report.get("trained_on") or []
     lines = [
-        "# Evaluation against linear interpolation",
+        "# Evaluation against linear interpolation and flow midpoints",
         "",
         f"DDIM steps: {report['steps']}; weights: {report['weights']}; trained on: {', '.join(trained) or 'unknown'}",
-        f"CaLID falls back to linear between neighbours closer than: {report.get('fallback_below_mm') or 'never'} mm",
+        f"CaLID falls back to flow between neighbours closer than: {report.get('fallback_below_mm') or 'never'} mm",
         "",
         "Intensities scaled by each study's 0.5-99.5 percentile range to [0, 1]; heart region: a "
         f"{HEART_MM:.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",
     ]
     lines += [f"- {metric} skipped: {why}" for metric, why in report.get("skipped", {}).items()]
-    header = "| study | method | PSNR | SSIM | PSNR heart | SSIM heart | gain heart (dB) | gain SSIM heart |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    header = (
+        "| study | method | PSNR | SSIM | PSNR heart | SSIM heart | gain heart (dB) | gain SSIM heart "
+        "| gain heart over flow (dB) |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|---|"
     if report["real"]:
         lines += ["", "## Real studies, leave-one-out (neighbours two acquisitions apart), all phases", ""]
         lines += [header + " LPIPS | rFID | s/slice |", rule + "---|---|---|"]
@@ -273,7 +360,7 @@ def markdown(report):
             label = f"{study} ({'in-sample' if study in trained else 'held out'})" if trained else study
             for method, s in methods.items():
                 extra = [_fmt(s.get("lpips"), 4), _fmt(s.get("rfid"), 1), _fmt(s.get("seconds_per_slice"), 3)]
-                lines.append(_row(label, method, s, methods["linear"]) + " " + " | ".join(extra) + " |")
+                lines.append(_row(label, method, s, methods) + " " + " | ".join(extra) + " |")
     for study, sweep in report.get("sweep", {}).items():
         lines += ["", f"## DDIM steps, {study} (phases {report.get('sweep_phases')})", ""]
         lines += ["| method | steps | PSNR heart | SSIM heart | s/slice |", "|---|---|---|---|---|"]
@@ -300,11 +387,28 @@ def markdown(report):
                 lines.append(
                     f"| {method} | {cname} | {_fmt(c['dice'], 3)} | {_fmt(c['asd_mm'], 2)} | {c['n']} | {c['failed']} |"
                 )
+    if report.get("labelled_stacks"):
+        stacks = report["labelled_stacks"]
+        lines += [
+            "",
+            f"## Labelled stacks (each slice normalised on its own), leave-one-out: mean over {len(stacks)} stacks",
+            "",
+            header.replace("study", "stacks"),
+            rule,
+        ]
+        names = list(next(iter(stacks.values())))
+        mean = {m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in stacks[next(iter(stacks))][m]}
+                for m in names}  # fmt: skip
+        for method in names:
+            lines.append(_row(len(stacks), method, mean[method], mean))
+        wins = {m: sum(v[m]["psnr_heart"] > v["linear"]["psnr_heart"] for v in stacks.values()) for m in names}
+        lines += ["", "Stacks where the method beats linear in the heart region: " + ", ".join(
+            f"{m} {wins[m]}/{len(stacks)}" for m in names if m != "linear")]  # fmt: skip
     for name, methods in report["phantom"].items():
         lines += ["", f"## Phantom {name}, x4 against the dense truth", "", header.replace("study", "level"), rule]
         for level in methods["linear"]:
             for method in methods:
-                lines.append(_row(level, method, methods[method][level], methods["linear"][level]))
+                lines.append(_row(level, method, methods[method][level], {k: v[level] for k, v in methods.items()}))
     return "\n".join(lines) + "\n"
 
 
@@ -312,9 +416,12 @@ def _fmt(value, digits):
     return "skipped" if value is None else f"{value:.{digits}f}"
 
 
-def _row(label, method, s, base):
+def _row(label, method, s, all_methods):
+    """One table row; gains over linear and over flow (when the report has flow)."""
+    base, flow = all_methods["linear"], all_methods.get("flow")
+    over_flow = "" if flow is None else f"{s['psnr_heart'] - flow['psnr_heart']:+.2f}"
     return (
         f"| {label} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['psnr_heart']:.2f} | "
         f"{s['ssim_heart']:.4f} | {s['psnr_heart'] - base['psnr_heart']:+.2f} | "
-        f"{s['ssim_heart'] - base['ssim_heart']:+.4f} |"
+        f"{s['ssim_heart'] - base['ssim_heart']:+.4f} | {over_flow} |"
     )

@@ -168,11 +168,15 @@ class LearnedMidpoints:
         latent_blend=None,
         fallback=True,
     ):
+        from .motion import FlowMidpoints
+
         if latent_blend not in (None, "linear", "slerp"):
             raise ValueError(f"latent_blend must be None, 'linear' or 'slerp', got {latent_blend!r}")
         self.latent_blend = latent_blend  # a baseline: the VAE alone, no denoiser
-        self.fallback = fallback  # linear where the model's fallback_below_mm says it cannot help
-        self.fell_back = set()  # the levels interpolated linearly, to tell the user
+        # where the model's fallback_below_mm says it cannot help: flow midpoints (True), the
+        # given predictor, or the model anyway (False)
+        self.fallback = FlowMidpoints(device=device) if fallback is True else fallback or None
+        self.fell_back = set()  # the levels filled by the fallback, to tell the user
         self.model = model
         self.pre = preprocessor
         self.sampler = SliceSampler(
@@ -215,8 +219,37 @@ class LearnedMidpoints:
         return None if spacing is None else spacing * 2.0**-level
 
     def falls_back(self, level):
+        from .upsample import GAP_TOLERANCE
+
         gap, limit = self.neighbour_gap_mm(level), self.model.fallback_below_mm
-        return bool(self.fallback and not self.latent_blend and limit and gap is not None and gap < limit - 1e-6)
+        if self.fallback is None or self.latent_blend or not limit or gap is None:
+            return False
+        return gap < limit * (1 - GAP_TOLERANCE)
+
+    @property
+    def method(self):
+        if self.latent_blend:
+            return f"latent-{self.latent_blend}"
+        return "calid+" if self.refine else "calid"
+
+    def describe(self):
+        notes = []
+        if self.fell_back:
+            gaps = ", ".join(f"{self.neighbour_gap_mm(level):.4g} mm" for level in sorted(self.fell_back))
+            notes.append(
+                f"{self.fallback.name} midpoints between neighbours {gaps} apart: the model was not measured to beat "
+                f"them below {self.model.fallback_below_mm:g} mm (fallback_below_mm in {self.model.source}/model.json)"
+            )
+        return {
+            "method": self.method,
+            "steps": self.num_steps,
+            "fallback_levels": sorted(self.fell_back),
+            "notes": notes,
+        }
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.close()
 
     @torch.inference_mode()
     def __call__(self, left, right, level, phase_offset=0):
@@ -225,7 +258,7 @@ class LearnedMidpoints:
             self.fell_back.add(level)
             if self.progress is not None:
                 self.progress.update(gaps if self.model.temporal else gaps * phases)
-            return 0.5 * (left + right)
+            return self.fallback(left, right, level, phase_offset=phase_offset)
         if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
             items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)
             keys = [(k,) for k in range(gaps)]

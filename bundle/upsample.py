@@ -6,9 +6,17 @@ output slice k * f is acquired slice k, value for value; phases are kept; new sl
 the input's intensity scale.
 
 The bisection engine is method-agnostic: a *midpoint predictor* receives the left and right
-neighbours of every gap at one level and returns the slices halfway between them. Linear
-interpolation is the midpoint predictor ``(left + right) / 2`` (applied recursively this is
-exactly linear interpolation); the learned model plugs in the same way.
+neighbours of every gap at one level and returns the slices halfway between them. Three ship:
+linear interpolation, ``(left + right) / 2`` (applied recursively this is exactly linear
+interpolation); the motion-compensated flow midpoint (:mod:`bundle.motion`, the default); and
+the learned CaLID model (:mod:`bundle.inference`), which falls back to flow where it was not
+measured to beat it.
+
+The predictor protocol: ``predictor(left, right, level, phase_offset=0) -> middles`` with
+tensors (gaps, phases, X, Y) in scanner intensities (``level`` 0 is the widest gap;
+``phase_offset`` the study index of the first phase, for per-item seeds);
+``needs_all_phases`` (the 2D+T model must see whole cines); ``describe()`` -> a dict saying what
+it did, for the log and the output's metadata; ``close()`` releases what it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # predictor(left, right, level, phase_offset=0) -> middle; tensors (N, T, X, Y): N gaps, T phases.
 MidpointPredictor = Callable[..., torch.Tensor]
+METHODS = ("flow", "calid", "linear")
+DEFAULT_METHOD = "flow"  # training-free, and measured better than the shipped learned model
+# neighbours closer than a model's fallback threshold by less than this fraction count as at
+# the threshold: real spacings come out as 15.9999 mm for 16 mm
+GAP_TOLERANCE = 0.01
 
 
 def bisection_levels(factor) -> int:
@@ -43,8 +56,23 @@ def bisection_levels(factor) -> int:
     return f.bit_length() - 1
 
 
-def linear_midpoints(left: torch.Tensor, right: torch.Tensor, level: int, phase_offset: int = 0) -> torch.Tensor:
-    return 0.5 * (left + right)
+class LinearMidpoints:
+    """The average of the neighbours: bisection with it is linear interpolation."""
+
+    name = "linear"
+    needs_all_phases = False
+
+    def __call__(self, left: torch.Tensor, right: torch.Tensor, level: int = 0, phase_offset: int = 0):
+        return 0.5 * (left + right)
+
+    def describe(self):
+        return {"method": self.name}
+
+    def close(self):
+        pass
+
+
+linear_midpoints = LinearMidpoints()
 
 
 def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor, phase_offset: int = 0) -> torch.Tensor:
@@ -105,9 +133,6 @@ def upsample_stack(
     return SaxStack(dense, affine, meta)
 
 
-METHODS = ("calid", "linear")
-
-
 def std_map_path(output_path) -> Path:
     """Where ``--samples N`` writes the per-voxel standard deviation: ``OUT_std.nii.gz``."""
     output_path = Path(output_path)
@@ -120,7 +145,7 @@ def upsample_file(
     input_path,
     output_path,
     factor=2,
-    method="calid",
+    method=DEFAULT_METHOD,
     num_inference_steps=None,
     refine=False,
     samples=1,
@@ -149,8 +174,8 @@ def upsample_file(
     samples = int(samples)
     if samples < 1:
         raise SaxInputError(f"samples must be at least 1, got {samples}")
-    if samples > 1 and method == "linear":
-        raise SaxInputError("--samples draws from the learned model: linear interpolation has one answer")
+    if samples > 1 and method != "calid":
+        raise SaxInputError(f"--samples draws from the learned model: {method} interpolation has one answer")
     output_path = check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
     if samples > 1:
         check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)
@@ -158,22 +183,10 @@ def upsample_file(
         raise SaxInputError(f"{preview_path} exists; pass --overwrite to replace it")
     start = time.perf_counter()
     stack = read_sax(input_path, series_uid=series_uid)
-    if method == "linear":
-        predictors = [linear_midpoints]
-    else:
-        predictors = _calid_predictors(
-            stack,
-            levels,
-            num_inference_steps,
-            refine,
-            samples,
-            seed,
-            device,
-            weights_dir,
-            chunk_size,
-            precision,
-            progress,
-        )
+    predictors = _make_predictors(
+        method, stack, levels, num_inference_steps, refine, samples, seed, device, weights_dir, chunk_size, precision,
+        progress,
+    )  # fmt: skip
     x, y, z, t = stack.shape
     shape = (x, y, (z - 1) * factor + 1, t)
     group = phases_per_chunk(stack.shape, factor, memory_budget_mb)
@@ -195,18 +208,10 @@ def upsample_file(
                 m2[..., p] = np.sqrt(m2[..., p] / len(predictors))
             m2[:, :, ::factor] = 0.0
             std = SaxStack(m2, dense.affine, dict(dense.meta))
-        if method != "linear":
-            steps = predictors[0].num_steps  # the model's shipped setting when none was asked for
-            dense.meta.update(method="calid+" if refine else "calid", steps=steps, seed=seed)
-            fell_back = sorted(predictors[0].fell_back)
-            if fell_back:
-                gaps = ", ".join(f"{predictors[0].neighbour_gap_mm(level):.1f} mm" for level in fell_back)
-                logger.warning(
-                    "linear interpolation between neighbours %s apart: the model does not beat it below %g mm "
-                    "(fallback_below_mm in model.json)",
-                    gaps,
-                    predictors[0].model.fallback_below_mm,
-                )
+        report = predictors[0].describe()
+        dense.meta.update(report, seed=seed)
+        for line in report.get("notes", ()):
+            logger.warning("%s", line)
         if std is not None:  # first: an existing main output then means a complete study
             write_nifti(std, std_map_path(output_path), overwrite=overwrite, inputs=[input_path])
         write_nifti(dense, output_path, overwrite=overwrite, inputs=[input_path])
@@ -215,9 +220,8 @@ def upsample_file(
             from .preview import save_preview
 
             save_preview(stack, dense, preview_path, phase=phase)
-    bar = getattr(predictors[0], "progress", None)
-    if bar is not None:
-        bar.close()
+    for predictor in predictors:
+        predictor.close()
     # a memory-mapped result stays readable after its file is removed (POSIX), until released
     return stack, dense, seconds
 
@@ -253,29 +257,39 @@ class _OutputArrays:
         return False
 
 
-def _calid_predictors(
-    stack, levels, steps, refine, samples, seed, device, weights_dir, chunk_size, precision, progress
+def _make_predictors(
+    method, stack, levels, steps, refine, samples, seed, device, weights_dir, chunk_size, precision, progress
 ):
-    """One learned midpoint predictor per sample (different noise per sample)."""
+    """The midpoint predictors of ``method``: one, or one per sample (different noise each) for
+    the learned model; they share one progress bar over the slices they generate."""
+    if method == "linear":
+        return [linear_midpoints]
     from tqdm.auto import tqdm
 
     from .inference import LearnedMidpoints, load_model, resolve_device
-    from .transforms import SlicePreprocessor
+    from .motion import FlowMidpoints
 
     device = resolve_device(device)
+    z, t = stack.shape[2], stack.shape[3]
+    if method == "flow":
+        total = sum((z - 1) * 2**level * t for level in range(levels))
+        bar = tqdm(total=total, desc="flow midpoints", unit="slice", disable=not progress)
+        return [FlowMidpoints(device=device, progress=bar)]
+    from .transforms import SlicePreprocessor
+
     model = load_model(weights_dir, device=device)
     if refine and samples > 1:
         logger.warning("--refine starts every sample from the same inverted latents: the samples are identical")
     pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-    z, t = stack.shape[2], stack.shape[3]
     per_gap = 1 if model.temporal else t
     total = sum((z - 1) * 2**level * per_gap for level in range(levels)) * samples
     bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress)
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
+    fallback = FlowMidpoints(device=device)  # one for all samples: flow has one answer
     return [
         LearnedMidpoints(
             model, pre, num_steps=steps or model.default_steps, refine=refine, seed=seed, sample=sample,
-            chunk_size=chunk_size, device=device, precision=precision, progress=bar,
+            chunk_size=chunk_size, device=device, precision=precision, progress=bar, fallback=fallback,
         )  # fmt: skip
         for sample in range(samples)
     ]

@@ -45,7 +45,7 @@ def test_inputs_skip_truth_and_labels(cohort, tmp_path):
 
 
 def test_torchrun_two_ranks_match_single_process(cohort, tmp_path, tiny_weights_2d):
-    options = ["--factor", "2", "--weights", str(tiny_weights_2d), "--steps", "2"]
+    options = ["--factor", "2", "--method", "calid", "--weights", str(tiny_weights_2d), "--steps", "2"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     with pytest.raises(SystemExit) as exit_info:
         main(["upsample-batch", str(cohort), str(single), *options])
@@ -75,7 +75,7 @@ def test_sigkill_then_rerun_resumes(cohort, tmp_path, tiny_weights_2d):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bundle.cli", "upsample-batch", str(cohort), str(out),
-        "--factor", "8", "--weights", str(tiny_weights_2d), "--steps", "40",
+        "--factor", "8", "--method", "calid", "--weights", str(tiny_weights_2d), "--steps", "40",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=str(ROOT))
     try:
@@ -90,7 +90,9 @@ def test_sigkill_then_rerun_resumes(cohort, tmp_path, tiny_weights_2d):
     assert "phantom_000_x8.nii.gz" in finished and "phantom_005_x8.nii.gz" not in finished
     for name in finished:  # whatever exists is complete: atomic writes
         assert nib.load(out / name).shape == (32, 32, 25, 2)
-    failed, counts = distributed_batch(cohort, out, 8, weights_dir=str(tiny_weights_2d), num_inference_steps=40)
+    failed, counts = distributed_batch(
+        cohort, out, 8, method="calid", weights_dir=str(tiny_weights_2d), num_inference_steps=40
+    )
     assert failed == 1 and counts["skipped"] == len(finished) and counts["done"] == 5 - len(finished)
     assert sorted(p.name for p in out.glob("phantom_*_x8.nii.gz")) == [
         f"phantom_00{i}_x8.nii.gz" for i in (0, 1, 2, 4, 5)
@@ -151,7 +153,8 @@ def test_bundle_batch_config_fails_on_a_failed_study(cohort, tmp_path):
         (["--method", "lineer"], "unknown method 'lineer'"),
         (["--step", "3"], "unknown option(s) for batch upsampling: step"),
         (["--factor", "3"], "factor must be a power of two"),
-        (["--weights", "/nowhere"], "no CaLID weights in /nowhere"),
+        (["--method", "calid", "--weights", "/nowhere"], "no CaLID weights in /nowhere"),
+        (["--weights", "/nowhere"], "--weights, --steps and --refine are for --method calid"),
     ],
 )
 def test_refuses_before_touching_any_study(cohort, tmp_path, capsys, args, message):

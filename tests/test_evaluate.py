@@ -93,7 +93,7 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
         segment_iterations=3,
     )
     methods = report["real"]["SYNTH01"]
-    assert list(methods) == ["linear", "latent-linear", "latent-slerp", "calid", "calid+"]
+    assert list(methods) == ["linear", "flow", "tvl1", "latent-linear", "latent-slerp", "calid", "calid+"]
     assert all(m["seconds_per_slice"] > 0 for m in methods.values())
     for metric in ("lpips", "rfid"):  # a figure, or skipped with the reason in the report
         assert all(m[metric] is None for m in methods.values()) == (metric in report["skipped"])
@@ -110,6 +110,7 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
     assert report["segmenter"] == {"studies": ["SYNTH01"], "slices": len(full), "iterations": 3}
     assert (out / "figures" / "SYNTH01.png").stat().st_size > 1000 and (out / "segmenter.pt").is_file()
     text = (out / "report.md").read_text()
+    assert "gain heart over flow (dB)" in text and "| SYNTH01 | tvl1 |" in text
     assert "| SYNTH01 | latent-slerp |" in text and "## DDIM steps, SYNTH01" in text and "## Downstream" in text
     with pytest.raises(Exception, match="holds a report"):  # nothing overwritten
         evaluate(out, [contoured_study])
@@ -128,3 +129,26 @@ def test_leave_one_out_predictors_know_their_neighbours_are_two_slices_apart(pha
     assert bisecting.neighbour_gap_mm(0) == pytest.approx(8.0) and leaving_out.neighbour_gap_mm(0) == pytest.approx(
         16.0
     )
+
+
+def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tmp_path):
+    """The Sunnybrook ED/ES layout (NAME.nii.gz + NAME_labels.nii.gz, each image windowed on its
+    own): every slice is rescaled to its own 99th percentile before any method sees it."""
+    from bundle.evaluate import per_slice_normalised_stack
+    from bundle.io import write_nifti
+
+    s = phantom_subject
+    uneven = s.sparse.array[..., :1] * np.array([1.0, 3.0, 0.5, 2.0, 1.0, 4.0])[None, None, :, None]
+    folder = tmp_path / "stacks"
+    write_nifti(SaxStack(uneven, s.sparse.affine, {"was_3d": True}), folder / "P1_phase00.nii.gz")
+    labels = SaxStack((s.labels.array[:, :, ::8, :1] == 1).astype(np.uint8), s.sparse.affine, {"was_3d": True})
+    write_nifti(labels, folder / "P1_phase00_labels.nii.gz", dtype=np.uint8)
+    stack, centre = per_slice_normalised_stack(folder / "P1_phase00.nii.gz")
+    np.testing.assert_allclose(np.percentile(stack.array, 99, axis=(0, 1)), 1.0, rtol=1e-6)
+    lv = np.argwhere(labels.array[..., 0] > 0)
+    assert centre == pytest.approx(tuple(lv[:, :2].mean(0)))
+    report = evaluate(tmp_path / "ev", labelled_stacks=folder, perceptual=False, reference=False)
+    assert list(report["labelled_stacks"]) == ["P1_phase00"]
+    assert list(report["labelled_stacks"]["P1_phase00"]) == ["linear", "flow"]
+    text = (tmp_path / "ev" / "report.md").read_text()
+    assert "mean over 1 stacks" in text and "beats linear in the heart region: flow" in text

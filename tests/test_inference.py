@@ -12,6 +12,7 @@ from test_upsample_contract import assert_contract
 from bundle.cli import main
 from bundle.inference import LearnedMidpoints, load_model
 from bundle.io import SaxInputError, SaxStack, read_sax, write_nifti
+from bundle.motion import FlowMidpoints
 from bundle.transforms import SlicePreprocessor
 from bundle.upsample import bisect, std_map_path, upsample_file
 
@@ -45,7 +46,12 @@ def test_output_contract_4d(request, small_stack, tmp_path, weights, factor):
     weights = request.getfixturevalue(weights)
     write_nifti(small_stack, tmp_path / "in.nii.gz")
     stack, dense, _ = upsample_file(
-        tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", factor, weights_dir=weights, num_inference_steps=1
+        tmp_path / "in.nii.gz",
+        tmp_path / "out.nii.gz",
+        factor,
+        method="calid",
+        weights_dir=weights,
+        num_inference_steps=1,
     )
     assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), factor)
     assert np.isfinite(dense.array).all()
@@ -56,7 +62,9 @@ def test_output_contract_3d_input(request, small_stack, tmp_path, weights):
     weights = request.getfixturevalue(weights)
     three_d = SaxStack(small_stack.array[..., :1], small_stack.affine, {"was_3d": True})
     write_nifti(three_d, tmp_path / "in.nii.gz")
-    upsample_file(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", 4, weights_dir=weights, num_inference_steps=1)
+    upsample_file(
+        tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", 4, method="calid", weights_dir=weights, num_inference_steps=1
+    )
     assert nib.load(tmp_path / "out.nii.gz").ndim == 3
     assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), 4)
 
@@ -67,6 +75,7 @@ def test_refine_meets_the_contract(small_stack, tmp_path, tiny_weights_2d):
         tmp_path / "in.nii.gz",
         tmp_path / "o.nii.gz",
         2,
+        method="calid",
         weights_dir=tiny_weights_2d,
         refine=True,
         num_inference_steps=2,
@@ -76,7 +85,7 @@ def test_refine_meets_the_contract(small_stack, tmp_path, tiny_weights_2d):
 
 def test_seed_determinism_and_samples(small_stack, tmp_path, tiny_weights_2d):
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    run = dict(factor=2, weights_dir=tiny_weights_2d, num_inference_steps=2)
+    run = dict(factor=2, method="calid", weights_dir=tiny_weights_2d, num_inference_steps=2)
     a = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", seed=1, **run)[1].array
     b = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", seed=1, **run)[1].array
     c = upsample_file(tmp_path / "in.nii.gz", tmp_path / "c.nii.gz", seed=2, **run)[1].array
@@ -104,7 +113,17 @@ def test_missing_and_incompatible_weights(small_stack, tmp_path, tiny_weights_2d
     with pytest.raises(SaxInputError, match="model.pt does not fit the network"):
         load_model(broken)
     with pytest.raises(SystemExit):
-        main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), "--weights", str(tmp_path / "x")])
+        main(
+            [
+                "upsample",
+                str(tmp_path / "in.nii.gz"),
+                str(tmp_path / "o.nii.gz"),
+                "--method",
+                "calid",
+                "--weights",
+                str(tmp_path / "x"),
+            ]
+        )
     assert "no CaLID weights in" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
 
@@ -115,7 +134,7 @@ def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_wei
 
     write_nifti(small_stack, tmp_path / "in.nii.gz")
     main(
-        ["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "cli.nii.gz"), "--factor", "2",
+        ["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "cli.nii.gz"), "--factor", "2", "--method", "calid",
          "--weights", str(tiny_weights_2d), "--steps", "2", "--seed", "3", "--preview", str(tmp_path / "p.png")]
     )  # fmt: skip
     wf = ConfigWorkflow(
@@ -125,6 +144,7 @@ def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_wei
         input_path=str(tmp_path / "in.nii.gz"),
         output_path=str(tmp_path / "cfg.nii.gz"),
         factor=2,
+        method="calid",
         num_inference_steps=2,
         seed=3,
         weights_dir=str(tiny_weights_2d),
@@ -142,7 +162,7 @@ def test_untrained_residual_model_upsamples_as_linear(small_stack, tmp_path):
 
     weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    _, learned, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", 4, weights_dir=weights)
+    _, learned, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", 4, method="calid", weights_dir=weights)
     _, linear, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", 4, method="linear")
     np.testing.assert_allclose(learned.array, linear.array, rtol=0, atol=1e-3)
 
@@ -169,6 +189,7 @@ def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weight
         tmp_path / "in.nii.gz",
         tmp_path / "m.nii.gz",
         2,
+        method="calid",
         weights_dir=tiny_weights_2d,
         num_inference_steps=2,
         seed=5,
@@ -180,7 +201,7 @@ def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weight
     )
 
 
-def test_fallback_to_linear_below_the_models_narrowest_gap(tmp_path, phantom_subject):
+def test_fallback_to_flow_below_the_models_narrowest_gap(tmp_path, phantom_subject):
     from conftest import write_tiny_weights
 
     weights = write_tiny_weights(tmp_path / "w")  # perturbed: the model differs from linear
@@ -193,9 +214,26 @@ def test_fallback_to_linear_below_the_models_narrowest_gap(tmp_path, phantom_sub
     assert [predictor.neighbour_gap_mm(level) for level in (0, 1, 2)] == pytest.approx([8.0, 4.0, 2.0])
     slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
     left, right = slices[:2, :1], slices[1:3, :1]
-    linear = 0.5 * (left + right)
-    assert torch.equal(predictor(left, right, 1), linear)
-    assert not torch.allclose(predictor(left, right, 0), linear, atol=1e-3)
-    assert predictor.fell_back == {1}  # upsample_file tells the user
+    flow = FlowMidpoints()(left, right, 1)
+    assert torch.equal(predictor(left, right, 1), flow)
+    assert not torch.allclose(predictor(left, right, 0), flow, atol=1e-3)
+    assert predictor.fell_back == {1}
+    assert "flow midpoints between neighbours 4 mm apart" in predictor.describe()["notes"][0]  # the log says
     unrestricted = LearnedMidpoints(model, pre, num_steps=1, fallback=False)
-    assert not torch.allclose(unrestricted(left, right, 1), linear, atol=1e-3)
+    assert not torch.allclose(unrestricted(left, right, 1), flow, atol=1e-3)
+
+
+def test_gap_at_the_fallback_threshold_within_rounding_uses_the_model(tmp_path, phantom_subject):
+    """Real spacings come out as 15.9999 mm: that is the 16 mm the model was measured at."""
+    from conftest import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "w")
+    info = json.loads((weights / "model.json").read_text())
+    (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 16.0}))
+    model = load_model(weights)
+    pre = SlicePreprocessor.for_stack(phantom_subject.sparse, None, model.size_multiple)
+    pre.slice_spacing = 15.9999
+    predictor = LearnedMidpoints(model, pre, num_steps=1)
+    assert not predictor.falls_back(0) and predictor.falls_back(1)
+    pre.slice_spacing = 15.5  # 3 % narrower: not rounding
+    assert predictor.falls_back(0)

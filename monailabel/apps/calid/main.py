@@ -30,7 +30,7 @@ class MyApp(MONAILabelApp):
             conf=conf,
             name="CaLID cardiac slice interpolation",
             description="Dense short-axis cine MRI from a sparse stack (CaLID bundle)",
-            version="0.2.0",
+            version="0.3.0",
         )
 
     def init_infers(self):

@@ -15,7 +15,7 @@ from bundle.upsample import upsample_file
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {"factor": 4, "steps": 1, "refine": False, "method": "calid"}
+DEFAULTS = {"factor": 4, "steps": 1, "refine": False, "method": "flow"}
 
 
 def _flag(value):
@@ -28,7 +28,7 @@ class UpsampleTask(InferTask):
             type=InferType.OTHERS,
             labels=None,
             dimension=3,
-            description="CaLID: dense short-axis cine stack by learned bisection (factor, steps, refine)",
+            description="Dense short-axis cine stack by bisection: flow (default), calid or linear midpoints",
             config=dict(DEFAULTS),
         )
         self.weights_dir = weights_dir
