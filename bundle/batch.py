@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from .data import find_studies, load_datalist, study_name
-from .io import NIFTI_SUFFIXES, SaxInputError
+from .io import NIFTI_SUFFIXES, SaxInputError, as_flag
 
 logger = logging.getLogger(__name__)
 DATALIST_KEYS = ("testing", "validation", "training")
@@ -137,6 +137,9 @@ def check_batch_options(factor, options):
     if unknown:
         raise SaxInputError(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
     bisection_levels(factor)
+    for name in ("overwrite", "refine"):  # the run skips existing outputs before upsample_file sees them
+        if name in options:
+            options[name] = as_flag(options[name], name)
     method = options.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import SaxInputError, check_output_path, read_sax, write_nifti
+from .io import SaxInputError, as_flag, check_output_path, read_sax, write_nifti
 
 logger = logging.getLogger("calid")
 
@@ -27,7 +27,7 @@ def _describe(stack, label):
 
 def _refuse_model_options(method, weights=None, steps=None, refine=False, **_):
     """Options of the learned model given with another method would be silently ignored."""
-    if method != "calid" and (weights is not None or steps is not None or refine):
+    if method != "calid" and (weights is not None or steps is not None or as_flag(refine, "--refine")):
         raise SaxInputError(
             f"--weights, --steps and --refine are for --method calid; --method {method} does not use a model"
         )
@@ -40,6 +40,7 @@ class Commands:
         """Convert a DICOM SAX cine folder to NIfTI with the exact geometry."""
         if not Path(dicom_dir).is_dir():
             raise SaxInputError(f"{dicom_dir} is not a DICOM folder")
+        overwrite = as_flag(overwrite, "--overwrite")
         check_output_path(output, inputs=[dicom_dir], overwrite=overwrite)
         stack = read_sax(dicom_dir, series_uid=series_uid)
         write_nifti(stack, output, overwrite=overwrite, inputs=[dicom_dir])
@@ -195,9 +196,9 @@ class Commands:
 
         from .package import package, write_large_files
 
-        if update_hashes:
+        if as_flag(update_hashes, "--update-hashes"):
             print(f"wrote {write_large_files()}")
-        _, report = package(out_dir, overwrite=overwrite)
+        _, report = package(out_dir, overwrite=as_flag(overwrite, "--overwrite"))
         print(json.dumps(report, indent=2))
 
     def plot_training(self, output, *run_dirs, title=""):
@@ -229,7 +230,7 @@ class Commands:
             out_dir,
             subjects=subjects,
             seed=seed,
-            overwrite=overwrite,
+            overwrite=as_flag(overwrite, "--overwrite"),
             size=size,
             num_slices=slices,
             num_phases=phases,
@@ -245,6 +246,7 @@ class Commands:
 
         from .benchmark import training_speed
 
+        temporal = as_flag(temporal, "--temporal")
         result = training_speed(preset, iterations=iterations, device=device, temporal=temporal, batch_size=batch_size)
         print(json.dumps(result, indent=2))
 
@@ -260,7 +262,37 @@ class Commands:
         from .benchmark import inference_speed
 
         options["preset_name"] = options.pop("preset", "cpu")
+        for name in ("temporal", "loop"):
+            if name in options:
+                options[name] = as_flag(options[name], f"--{name}")
         print(json.dumps(inference_speed(**options), indent=2))
+
+
+def check_flags(argv):
+    """Refuse an option the command does not have before anything runs (fire would run the
+    command with the options it knows, then complain about the rest). Commands that pass
+    options on (upsample-batch, benchmark) check them themselves, also before any work."""
+    import inspect
+
+    if not argv or argv[0].startswith("-"):
+        return
+    command = getattr(Commands, argv[0].replace("-", "_"), None)
+    if command is None:
+        return  # fire lists the commands
+    params = inspect.signature(command).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [name for name in params if name != "self"]
+    for token in argv[1:]:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in names or (name.startswith("no") and name[2:] in names) or name == "help":
+            continue
+        valid = ", ".join("--" + n.replace("_", "-") for n in names)
+        raise SaxInputError(f"calid {argv[0]} has no option {token.split('=', 1)[0]}; its options: {valid}")
 
 
 def main(argv=None):
@@ -270,6 +302,7 @@ def main(argv=None):
     # header warnings (invalid UIDs and the like) as one log line each, without source lines
     warnings.showwarning = lambda message, *args, **kwargs: logger.warning("%s", message)
     try:
+        check_flags(sys.argv[1:] if argv is None else list(argv))
         fire.Fire(Commands, command=argv, name="calid")
     except SaxInputError as e:
         print(f"calid: error: {e}", file=sys.stderr)

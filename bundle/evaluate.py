@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import SaxInputError, read_sax
+from .io import SaxInputError, as_flag, read_sax
 from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
 from .transforms import IntensityScaler
@@ -253,6 +253,8 @@ def evaluate(
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
     from .preview import save_evaluation_figure
 
+    overwrite, fallback = as_flag(overwrite, "overwrite"), as_flag(fallback, "fallback")
+    perceptual, reference = as_flag(perceptual, "perceptual"), as_flag(reference, "reference")
     out_dir = Path(out_dir)
     if (out_dir / "report.json").exists() and not overwrite:
         raise SaxInputError(f"{out_dir} holds a report already; choose another folder or pass --overwrite")

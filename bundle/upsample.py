@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import SaxInputError, SaxStack, check_output_path, read_sax, write_nifti
+from .io import SaxInputError, SaxStack, as_flag, check_output_path, read_sax, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def upsample_file(
     levels = bisection_levels(factor)
     if method not in METHODS:
         raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    refine, overwrite = as_flag(refine, "refine"), as_flag(overwrite, "overwrite")
+    progress = as_flag(progress, "progress")
     samples = int(samples)
     if samples < 1:
         raise SaxInputError(f"samples must be at least 1, got {samples}")

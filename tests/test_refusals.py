@@ -140,3 +140,57 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "calid: error: input not found" in proc.stderr
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_misspelt_option_is_refused_before_anything_runs(tmp_path, capsys):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    assert_refused(
+        capsys, tmp_path, path, "calid upsample has no option --factr; its options: --input", ("--factr", "4")
+    )
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", "NO"])
+def test_false_is_false(tmp_path, capsys, value):
+    """`--overwrite false` must not overwrite; `--refine false` is no refine."""
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    (tmp_path / "out").mkdir()
+    existing = tmp_path / "out" / "dense.nii.gz"
+    existing.write_bytes(b"keep me")
+    code = run_cli("upsample", str(path), str(existing), "--method", "linear", "--overwrite", value)
+    assert code == 2 and "exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_flag_values_that_are_neither_true_nor_false_are_refused(tmp_path, capsys):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    assert_refused(capsys, tmp_path, path, "overwrite must be true or false", ("--overwrite", "maybe"))
+
+
+def test_bundle_override_false_is_false(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from bundle.io import as_flag
+
+    assert [as_flag(v, "x") for v in ("true", "YES", "1", 1, True, "off", "0", 0, False)] == [True] * 5 + [False] * 4
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    existing = tmp_path / "dense.nii.gz"
+    existing.write_bytes(b"keep me")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wf = ConfigWorkflow(
+        config_file=os.path.join(root, "configs", "inference.json"),
+        workflow_type=None,
+        bundle_root=root,
+        input_path=str(path),
+        output_path=str(existing),
+        method="linear",
+        overwrite="false",
+    )
+    wf.initialize()
+    with pytest.raises(Exception) as raised:
+        wf.run()
+    chain, error = [], raised.value
+    while error is not None:  # MONAI wraps the refusal in a config-evaluation error
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("exists; pass --overwrite" in message for message in chain), chain
+    assert existing.read_bytes() == b"keep me"
