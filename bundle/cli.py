@@ -150,6 +150,7 @@ class Commands:
         perceptual=True,
         reference=True,
         labelled_stacks=None,
+        heart_mm=80.0,
     ):
         """Compare linear interpolation, flow midpoints and the TV-L1 reference (scikit-image, slow;
         --noreference skips it), and with --weights linear and slerp in the VAE's latent space,
@@ -160,7 +161,8 @@ class Commands:
         on a `calid phantom` folder. --nofallback uses the model at every gap, ignoring the
         narrowest gap it is shipped for; --noperceptual skips LPIPS and rFID (slow on a CPU);
         --labelled-stacks DIR adds leave-one-out on every NAME.nii.gz there with NAME_labels.nii.gz
-        for the heart region, each slice normalised on its own (the Sunnybrook ED/ES stacks).
+        for the heart region, each slice normalised on its own (the Sunnybrook ED/ES stacks);
+        --heart-mm sets the side of the heart-region square (default 80 mm).
         Writes OUT_DIR/report.json, report.md and figures/."""
         from .evaluate import evaluate
 
@@ -185,6 +187,7 @@ class Commands:
             perceptual=perceptual,
             reference=reference,
             labelled_stacks=labelled_stacks,
+            heart_mm=float(heart_mm),
         )
         print((Path(out_dir) / "report.md").read_text())
 

@@ -66,7 +66,7 @@ def scores(pred, truth, box):
     }
 
 
-def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptual=None):
+def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptual=None, heart_mm=HEART_MM):
     """Predict every inner slice from its acquired neighbours with each predictor.
 
     Returns (scores per method, predictions per method as (inner slices, phases, X, Y) in
@@ -76,7 +76,7 @@ def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptu
     scaler = IntensityScaler.fit(stack.array)
     slices = torch.from_numpy(np.ascontiguousarray(stack.array[..., phases].transpose(2, 3, 0, 1), dtype=np.float64))
     truth = scaler(slices[1:-1].flatten(0, 1).numpy())
-    box = heart_box(stack, centre_xy)
+    box = heart_box(stack, centre_xy, heart_mm)
     result, predictions = {}, {}
     for name, predictor in predictors.items():
         start = time.perf_counter()
@@ -106,13 +106,13 @@ def steps_sweep(stack, model, steps_list, centre_xy=None, phases=None, seed=0, d
     return sweep
 
 
-def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4):
+def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4, heart_mm=HEART_MM):
     """x``factor`` against the dense truth, scores per bisection level and over all new slices."""
     step = (truth.shape[2] - 1) // ((sparse.shape[2] - 1) * factor)
     target = truth.array[:, :, ::step].astype(np.float64)
     scaler = IntensityScaler.fit(sparse.array)
     lv = np.argwhere(labels.array[:, :, :, 0] == 1)
-    box = heart_box(sparse, lv[:, :2].mean(0) if len(lv) else None)
+    box = heart_box(sparse, lv[:, :2].mean(0) if len(lv) else None, heart_mm)
     positions = np.arange(target.shape[2])
     levels = {f"level {k + 1}": positions % (factor >> k) == factor >> (k + 1) for k in range(factor.bit_length() - 1)}
     levels["all new slices"] = positions % factor != 0
@@ -244,6 +244,7 @@ def evaluate(
     perceptual=True,
     reference=True,
     labelled_stacks=None,
+    heart_mm=HEART_MM,
 ):
     """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
     ``out_dir``; returns the report. See the module docstring for the protocol."""
@@ -264,6 +265,7 @@ def evaluate(
     report = {
         "protocol": __doc__.strip(),
         "steps": steps,
+        "heart_mm": float(heart_mm),
         "weights": str(weights_dir),
         "trained_on": getattr(model, "trained_on", None),
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
@@ -287,8 +289,10 @@ def evaluate(
         predictors = make_predictors(
             stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
         )
-        report["real"][study.name], predictions = leave_one_out(stack, predictors, centre, perceptual=perceptual)
-        box = heart_box(stack, centre)
+        report["real"][study.name], predictions = leave_one_out(
+            stack, predictors, centre, perceptual=perceptual, heart_mm=heart_mm
+        )
+        box = heart_box(stack, centre, heart_mm)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
         if model is not None and sweep_steps:
             phases = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
@@ -304,7 +308,7 @@ def evaluate(
             truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
             predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback, reference=reference)
-            report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors)
+            report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors, heart_mm=heart_mm)
     for path in sorted(Path(labelled_stacks).glob("*.nii.gz")) if labelled_stacks else ():
         if path.name.endswith(f"{LABELS_SUFFIX}.nii.gz"):
             continue
@@ -314,7 +318,9 @@ def evaluate(
         predictors = make_predictors(
             stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
         )
-        report["labelled_stacks"][path.name[: -len(".nii.gz")]] = leave_one_out(stack, predictors, centre)[0]
+        report["labelled_stacks"][path.name[: -len(".nii.gz")]] = leave_one_out(
+            stack, predictors, centre, heart_mm=heart_mm
+        )[0]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown(report))
     return report
@@ -347,7 +353,7 @@ def markdown(report):
         f"CaLID falls back to flow between neighbours closer than: {report.get('fallback_below_mm') or 'never'} mm",
         "",
         "Intensities scaled by each study's 0.5-99.5 percentile range to [0, 1]; heart region: a "
-        f"{HEART_MM:.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",
+        f"{report.get('heart_mm', HEART_MM):.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",
     ]
     lines += [f"- {metric} skipped: {why}" for metric, why in report.get("skipped", {}).items()]
     header = (

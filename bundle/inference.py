@@ -92,12 +92,34 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     ``models/``). Errors name the file that is missing or does not fit."""
     from .networks import CaLIDNetwork
 
+    from .networks import PRESETS
+
     folder = check_weights(weights_dir)
-    info = json.loads((folder / "model.json").read_text())
-    if not info.get("latent_scale"):
+    try:
+        info = json.loads((folder / "model.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaxInputError(f"{folder / 'model.json'} is not valid JSON ({e}); export the weights again") from None
+    if not isinstance(info, dict) or not info.get("latent_scale"):
         raise SaxInputError(f"{folder / 'model.json'} has no latent_scale")
-    network = CaLIDNetwork.from_info(info)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    missing = [key for key in ("spatial_dims", "net") if key not in info]
+    if missing:
+        raise SaxInputError(f"{folder / 'model.json'} lacks {', '.join(missing)}; export the weights again")
+    if info.get("preset") is not None and info["preset"] not in PRESETS:
+        raise SaxInputError(
+            f"{folder / 'model.json'} names preset {info['preset']!r}, which does not exist; "
+            f"presets: {', '.join(PRESETS)}"
+        )
+    try:
+        network = CaLIDNetwork.from_info(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SaxInputError(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
+    try:
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding more than tensors
+        raise SaxInputError(
+            f"{folder / 'model.pt'} cannot be read as weights ({type(e).__name__}); the file is damaged or not "
+            f"a state dict of tensors: download or export it again"
+        ) from None
     try:
         network.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
@@ -122,9 +144,16 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
 
 
 def resolve_device(device="auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SaxInputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SaxInputError(f"device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SaxInputError("--device cuda requested but CUDA is not available here; use --device cpu or auto")
     return device

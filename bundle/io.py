@@ -9,6 +9,7 @@ TriggerTime, never from file names, InstanceNumber or SliceLocation.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import tempfile
@@ -392,9 +393,26 @@ def check_output_path(output, inputs=(), overwrite=False) -> Path:
         src = Path(src).resolve()
         if resolved == src or (src.is_dir() and src in resolved.parents):
             raise SaxInputError(f"refusing to write {output} over (or inside) the input {src}")
+    if output.is_dir():
+        raise SaxInputError(f"output {output} is a folder; give a file name ending in .nii.gz")
     if output.exists() and not overwrite:
         raise SaxInputError(f"{output} exists; pass --overwrite to replace it")
+    check_writable_folder(output.parent)
     return output
+
+
+def check_writable_folder(folder) -> Path:
+    """Refuse, before any work, a folder that cannot be created or written (its nearest existing
+    ancestor decides; nothing is created here)."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaxInputError(f"cannot write into {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaxInputError(f"cannot write into {folder}: {existing} is not writable")
+    return folder
 
 
 def write_nifti(stack: SaxStack, output, overwrite=False, inputs=(), dtype=np.float32) -> Path:
@@ -415,6 +433,8 @@ def write_nifti(stack: SaxStack, output, overwrite=False, inputs=(), dtype=np.fl
         img.header.set_zooms(zooms)
     img.header["descrip"] = str(stack.meta.get("descrip", ""))[:79].encode("latin-1", "replace")
     suffix = ".nii.gz" if output.name.endswith(".nii.gz") else ".nii"
+    for stale in output.parent.glob(f".{glob.escape(output.name)}.*.part{suffix}"):  # a killed earlier write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=f".part{suffix}", dir=output.parent)
     os.close(fd)
     try:

@@ -94,10 +94,11 @@ def save_preview(input_stack: SaxStack, output_stack: SaxStack, path, phase=0, m
 
 
 def save_evaluation_figure(stack: SaxStack, predictions: dict, box, path, phase=0, error_range=0.25):
-    """Leave-one-out figure for one study and phase: per column the acquired slices and each
-    method's predictions; rows: the heart region of the middle predicted slice, its absolute
-    error (white = ``error_range`` of the study's robust intensity range or more), and a
-    long-axis reslice through the heart with every inner slice replaced by its prediction.
+    """Leave-one-out figure for one study and phase: first the two acquired neighbours the
+    methods interpolate between; then per column the acquired (true) slice and each method's
+    predictions; rows: the heart region of the middle predicted slice, its absolute error
+    (white = ``error_range`` of the study's robust intensity range or more), and a long-axis
+    reslice through the heart with every inner slice replaced by its prediction.
 
     ``predictions``: name -> (inner slices, phases, X, Y) in scanner intensities."""
     low, high = np.percentile(stack.array, [0.5, 99.5])
@@ -113,6 +114,9 @@ def save_evaluation_figure(stack: SaxStack, predictions: dict, box, path, phase=
     crop = (slice(x0, x1), slice(y0, y1))
     y = (y0 + y1) // 2
     rows = [[], [], []]
+    neighbours = [
+        _labelled(_to_uint8(truth[crop + (z,)], low, high), f"neighbour z={z} (given)", zoom) for z in (k - 1, k + 1)
+    ]
     for name, volume in columns.items():
         error = np.abs(volume[..., k] - truth[..., k]) / max(high - low, 1e-6)
         rows[0].append(_labelled(_to_uint8(volume[crop + (k,)], low, high), f"{name} z={k}", zoom))
@@ -121,7 +125,7 @@ def save_evaluation_figure(stack: SaxStack, predictions: dict, box, path, phase=
         rows[2].append(_labelled(plane, f"long axis {name}", zoom))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _stack_rows([_row(r) for r in rows]).save(path)
+    _stack_rows([_row(neighbours)] + [_row(r) for r in rows]).save(path)
     return path
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import SaxInputError, SaxStack, as_flag, check_output_path, read_sax, write_nifti
+from .io import SaxInputError, SaxStack, as_flag, check_output_path, check_writable_folder, read_sax, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,39 @@ def upsample_stack(
     return SaxStack(dense, affine, meta)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_STEPS = 1000  # the noise schedule's training timesteps: DDIM cannot take more steps
+
+
+def check_model_options(steps, chunk_size, precision):
+    """Refuse learned-model options that would be silently changed or ignored."""
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS):
+        raise SaxInputError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    if chunk_size is not None and not (
+        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
+    ):
+        raise SaxInputError(f"chunk size must be a whole number of at least 1, got {chunk_size!r}")
+    if precision not in PRECISIONS:
+        raise SaxInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def check_output_size(shape, factor, samples=1, memory_budget_mb=None):
+    """Refuse an output that would not fit in memory, saying how large it would be (with a
+    memory budget the output arrays are memory-mapped instead, and this check is left out)."""
+    if memory_budget_mb is not None:
+        return
+    x, y, z, t = shape
+    arrays = 3 if samples > 1 else 1  # mean, plus the running variance and one draw
+    needed = x * y * ((z - 1) * factor + 1) * t * 4 * arrays
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > 0.8 * available:
+        raise SaxInputError(
+            f"the output would take {needed / 2**30:.1f} GiB ({x} x {y} x {(z - 1) * factor + 1} slices x {t} "
+            f"phases, float32) but this machine has {available / 2**30:.1f} GiB of memory; use a smaller factor "
+            f"or --memory-budget-mb (calid upsample-batch)"
+        )
+
+
 def std_map_path(output_path) -> Path:
     """Where ``--samples N`` writes the per-voxel standard deviation: ``OUT_std.nii.gz``."""
     output_path = Path(output_path)
@@ -181,10 +215,18 @@ def upsample_file(
     output_path = check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
     if samples > 1:
         check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)
-    if preview_path is not None and Path(preview_path).exists() and not overwrite:
-        raise SaxInputError(f"{preview_path} exists; pass --overwrite to replace it")
+    if preview_path is not None:
+        if Path(preview_path).exists() and not overwrite:
+            raise SaxInputError(f"{preview_path} exists; pass --overwrite to replace it")
+        check_writable_folder(Path(preview_path).parent)
+    check_model_options(num_inference_steps, chunk_size, precision)
+    if method != "linear":
+        from .inference import resolve_device
+
+        device = resolve_device(device)
     start = time.perf_counter()
     stack = read_sax(input_path, series_uid=series_uid)
+    check_output_size(stack.shape, factor, samples, memory_budget_mb)
     predictors = _make_predictors(
         method, stack, levels, num_inference_steps, refine, samples, seed, device, weights_dir, chunk_size, precision,
         progress,

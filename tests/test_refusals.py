@@ -194,3 +194,80 @@ def test_bundle_override_false_is_false(tmp_path):
         error = error.__cause__ or error.__context__
     assert any("exists; pass --overwrite" in message for message in chain), chain
     assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--method", "calid", "--steps", "0"), "steps must be a whole number from 1 to 1000"),
+        (("--method", "calid", "--steps", "-1"), "steps must be a whole number from 1 to 1000"),
+        (("--method", "calid", "--steps", "5000"), "steps must be a whole number from 1 to 1000"),
+        (("--method", "calid", "--chunk-size", "0"), "chunk size must be a whole number of at least 1"),
+        (("--precision", "fp8"), "precision must be one of auto, fp32, bf16, fp16"),
+        (("--device", "tpu9"), "unknown device 'tpu9'"),
+        (("--factor", str(2**30)), "the output would take"),
+    ],
+)
+def test_options_that_would_be_ignored_or_fail_late_are_refused_first(tmp_path, capsys, args, message):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    assert_refused(capsys, tmp_path, path, message, args)
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_work(tmp_path, capsys):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    (tmp_path / "out" / "folder.nii.gz").mkdir(parents=True)
+    assert run_cli("upsample", str(path), str(tmp_path / "out" / "folder.nii.gz")) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    assert run_cli("upsample", str(path), str(tmp_path / "blocker" / "o.nii.gz")) == 2
+    assert "blocker is a file" in capsys.readouterr().err
+    out = tmp_path / "fine.nii.gz"
+    assert run_cli("upsample", str(path), str(out), "--preview", str(tmp_path / "blocker" / "p.png")) == 2
+    assert "cannot write into" in capsys.readouterr().err and not out.exists()  # all or nothing
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert run_cli("upsample", str(path), str(locked / "o.nii.gz")) == 2
+        assert "is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda w: (w / "model.pt").write_bytes(b"not a torch file"), "cannot be read as weights"),
+        (lambda w: (w / "model.json").write_text("{broken"), "is not valid JSON"),
+        (
+            lambda w: (w / "model.json").write_text(
+                '{"latent_scale": 1.0, "spatial_dims": 2, "net": {}, "preset": "x"}'
+            ),
+            "names preset 'x', which does not exist",
+        ),
+    ],
+    ids=["corrupt-weights", "malformed-json", "unknown-preset"],
+)
+def test_damaged_weights_are_refused_without_a_traceback(tmp_path, capsys, tiny_weights_2d, damage, message):
+    import shutil
+
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_weights_2d, weights)
+    damage(weights)
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    assert (
+        run_cli("upsample", str(path), str(tmp_path / "o.nii.gz"), "--method", "calid", "--weights", str(weights)) == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and "weights_only=False" not in err and "Traceback" not in err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_killed_writes_leftover_is_removed_by_the_next_run(tmp_path):
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    stale = tmp_path / ".dense.nii.gz.x1y2z3.part.nii.gz"  # what SIGKILL during the write leaves
+    stale.write_bytes(b"half a file")
+    other = tmp_path / ".other.nii.gz.x1y2z3.part.nii.gz"  # another output's: not ours to touch
+    other.write_bytes(b"half a file")
+    main(["upsample", str(path), str(tmp_path / "dense.nii.gz"), "--method", "linear"])
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".other.nii.gz.x1y2z3.part.nii.gz", "dense.nii.gz", "ok.nii.gz"]
+    )

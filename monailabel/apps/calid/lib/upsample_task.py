@@ -11,15 +11,12 @@ import tempfile
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from bundle.io import as_flag
 from bundle.upsample import upsample_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = {"factor": 4, "steps": 1, "refine": False, "method": "flow"}
-
-
-def _flag(value):
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 class UpsampleTask(InferTask):
@@ -39,7 +36,7 @@ class UpsampleTask(InferTask):
 
     def __call__(self, request):
         options = {key: request.get(key, default) for key, default in DEFAULTS.items()}
-        factor, steps, refine = int(options["factor"]), int(options["steps"]), _flag(options["refine"])
+        factor, steps, refine = int(options["factor"]), int(options["steps"]), as_flag(options["refine"], "refine")
         handle, output = tempfile.mkstemp(suffix=".nii.gz", prefix="calid_")
         os.close(handle)
         os.remove(output)  # the bundle never writes over an existing file
