@@ -117,7 +117,9 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    x, y = stack.shape[:2]
     return {
+        "chunk_size": predictor.pairs_per_chunk(x, y) if method == "flow" else chunk_size,
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -169,7 +171,6 @@ def inference_speed(
                 _upsample_once,
                 ((weights, preset_name, temporal), stack, factor, steps, chunk, str(device), precision, method),
             )
-        measured["chunk_size"] = chunk
         measured["seconds_per_generated_slice"] = measured["seconds"] / generated
         result[name] = measured
     return result
