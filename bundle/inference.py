@@ -90,9 +90,7 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
 def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     """Load ``model.pt`` + ``model.json`` from ``weights_dir`` (default: the bundle's
     ``models/``). Errors name the file that is missing or does not fit."""
-    from .networks import CaLIDNetwork
-
-    from .networks import PRESETS
+    from .networks import PRESETS, CaLIDNetwork
 
     folder = check_weights(weights_dir)
     try:

@@ -7,7 +7,7 @@ doubles every edge; following the motion half way from each side and blending do
 The flow is TV-L1 (an L1 data term, total-variation smoothness), solved by the primal-dual
 scheme of Zach, Pock and Bischof (2007) with repeated warping (Wedel et al. 2009), coarse to
 fine, for a whole batch of pairs at once with a fixed number of iterations: deterministic, and
-independent of the batch size. It is estimated *symmetrically* on the grid half way between the
+independent of the batch size up to float rounding. It is estimated *symmetrically* on the grid half way between the
 neighbours, ``a(x - u/2) ~ b(x + u/2)``: one flow per gap instead of two, the midpoint needs no
 approximation of where the flow is evaluated, and swapping the neighbours gives ``-u`` and
 exactly the same midpoint. The data term sees each slice normalised on its own (1st-99th
@@ -17,7 +17,7 @@ still disagree (structures that appear or vanish between slices: base, apex, pap
 muscles), the midpoint falls back smoothly to the linear blend.
 
 How the settings were chosen (leave-one-out on the training studies SCD0000101/0201/0301,
-heart region): docs/README.md, "Motion-compensated midpoints".
+heart region): docs/README.md, "Motion-compensated midpoints (flow)".
 
 Flow convention: (N, 2, H, W) in pixels, channel 0 along the first image axis, channel 1 along
 the second; ``warp(img, flow)(x) = img(x + flow(x))``.
@@ -54,6 +54,8 @@ class FlowSettings:
         for name in ("warps", "iterations", "min_size", "max_levels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.skip_finest) < 0:
+            raise ValueError(f"skip_finest must be 0 or more, got {self.skip_finest}")
         if self.consistency is not None and not self.consistency > 0:
             raise ValueError(f"consistency must be positive or None, got {self.consistency}")
 
