@@ -469,15 +469,26 @@ def reconstruction_predictor(autoencoder):
     return predict
 
 
-def sampler_predictor(autoencoder, ema, latent_scale: LatentScale, num_steps=8, seed=0, prediction="epsilon"):
-    """Stage 2 validation: DDIM from seeded noise with the EMA denoiser, neighbours only."""
+def sampler_predictor(
+    autoencoder, ema, latent_scale: LatentScale, num_steps=8, seed=0, prediction="epsilon", noise_scheduler=None
+):
+    """Stage 2 validation: DDIM from seeded noise with the EMA denoiser, neighbours only, on the
+    training noise schedule (``noise_scheduler``; None: the default one)."""
     from .sampling import SliceSampler
 
     def predict(neighbours, middle):
         generator = torch.Generator().manual_seed(seed)
         denoiser = ema.module.eval()
         scale = latent_scale.value if latent_scale.value is not None else 1.0
-        sampler = SliceSampler(autoencoder.eval(), denoiser, scale, num_steps=num_steps, prediction=prediction)
+        alphas_cumprod = None if noise_scheduler is None else noise_scheduler.alphas_cumprod
+        sampler = SliceSampler(
+            autoencoder.eval(),
+            denoiser,
+            scale,
+            num_steps=num_steps,
+            alphas_cumprod=alphas_cumprod,
+            prediction=prediction,
+        )
         return sampler(neighbours, generator=generator)
 
     return predict

@@ -41,6 +41,7 @@ class CaLIDModel:
     # (measured per bisection level, docs/README.md), so those gaps are interpolated linearly
     fallback_below_mm: float | None = None
     default_steps: int = 8  # DDIM steps when none are asked for: the shipped setting
+    alphas_cumprod: torch.Tensor | None = None  # the training noise schedule (None: the default)
 
     @property
     def temporal(self):
@@ -72,6 +73,11 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
     autoencoder_path, diffusion_path, out_dir = Path(autoencoder_path), Path(diffusion_path), Path(out_dir)
     ae_info = json.loads(autoencoder_path.with_suffix(".json").read_text())
     info = json.loads(diffusion_path.with_suffix(".json").read_text())
+    last = diffusion_path.with_name("diffusion.json")
+    if not info.get("latent_scale") and last.is_file():
+        # best.pt saved by the validation of the starting weights, before the first batch set the
+        # scale: the scale is the frozen VAE's statistic, the same for the final weights
+        info["latent_scale"] = json.loads(last.read_text()).get("latent_scale")
     if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):
         raise SaxInputError(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
     state = {}
@@ -138,6 +144,7 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         trained_on=info.get("trained_on"),
         fallback_below_mm=info.get("fallback_below_mm"),
         default_steps=int(info.get("steps", 8)),
+        alphas_cumprod=network.alphas_cumprod,
     )
 
 
@@ -207,7 +214,12 @@ class LearnedMidpoints:
         self.model = model
         self.pre = preprocessor
         self.sampler = SliceSampler(
-            model.autoencoder, model.denoiser, model.latent_scale, num_steps=num_steps, prediction=model.prediction
+            model.autoencoder,
+            model.denoiser,
+            model.latent_scale,
+            num_steps=num_steps,
+            alphas_cumprod=model.alphas_cumprod,
+            prediction=model.prediction,
         )
         self.refine = refine
         self.num_steps = num_steps

@@ -185,13 +185,18 @@ def build_networks(spatial_dims, net: dict):
 class CaLIDNetwork(nn.Module):
     """The VAE and the conditioned denoiser as one module: one state dict (``models/model.pt``,
     keys ``autoencoder.*`` and ``denoiser.*``) beside ``model.json`` (preset, sizes, latent
-    scale, prediction). ``forward`` predicts middle slices from neighbours (N, 2, H, W[, T])."""
+    scale, prediction, noise schedule). ``forward`` predicts middle slices from neighbours
+    (N, 2, H, W[, T])."""
 
-    def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction="residual"):
+    def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction="residual", noise_schedule=None):
+        from .sampling import make_noise_scheduler
+
         super().__init__()
         self.autoencoder, self.denoiser = build_networks(spatial_dims, net)
         self.spatial_dims, self.net = int(spatial_dims), net
         self.latent_scale, self.prediction = float(latent_scale), prediction
+        self.noise_schedule = dict(noise_schedule or {})  # the training schedule; {}: the default
+        self.alphas_cumprod = make_noise_scheduler(**self.noise_schedule).alphas_cumprod
 
     @classmethod
     def from_info(cls, info):
@@ -201,12 +206,25 @@ class CaLIDNetwork(nn.Module):
             from pathlib import Path
 
             info = json.loads(Path(info).read_text())
-        return cls(info["spatial_dims"], info["net"], info["latent_scale"], info.get("prediction", "epsilon"))
+        return cls(
+            info["spatial_dims"],
+            info["net"],
+            info["latent_scale"],
+            info.get("prediction", "epsilon"),
+            info.get("noise_schedule"),
+        )
 
     def sampler(self, num_steps=1):
         from .sampling import SliceSampler
 
-        return SliceSampler(self.autoencoder, self.denoiser, self.latent_scale, num_steps, prediction=self.prediction)
+        return SliceSampler(
+            self.autoencoder,
+            self.denoiser,
+            self.latent_scale,
+            num_steps,
+            alphas_cumprod=self.alphas_cumprod,
+            prediction=self.prediction,
+        )
 
     def forward(self, neighbours, num_steps=1, refine=False, z_start=None, generator=None):
         return self.sampler(num_steps)(neighbours, refine=refine, generator=generator, z_start=z_start)

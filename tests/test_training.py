@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +258,56 @@ def test_validation_without_validation_studies_is_skipped(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         validator(engine)
     assert "validation skipped" in caplog.text and not (tmp_path / "validation.csv").exists()
+
+
+def test_the_noise_schedule_travels_with_the_weights(phantom_dir, trained_autoencoder, tmp_path):
+    """A config that changes the schedule trains one model: validation, export and inference all
+    sample with the schedule it was trained with."""
+    import json
+
+    from bundle.inference import LearnedMidpoints, load_model
+    from bundle.sampling import make_noise_scheduler
+    from bundle.transforms import SlicePreprocessor
+
+    wf = workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(tmp_path),
+        autoencoder_dir=str(trained_autoencoder),
+        max_epochs=1,
+        **{"noise_schedule#beta_end": 0.02, "noise_schedule#num_train_timesteps": 500},
+    )
+    wf.run()
+    trained = wf.parser.get_parsed_content("noise_scheduler").alphas_cumprod
+    assert len(trained) == 500 and not torch.allclose(trained, make_noise_scheduler().alphas_cumprod[:500])
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["noise_schedule"]["beta_end"] == 0.02 and info["noise_schedule"]["num_train_timesteps"] == 500
+    model = load_model(tmp_path / "model")
+    torch.testing.assert_close(model.alphas_cumprod, trained)
+    from bundle.phantom import make_subject
+
+    stack = make_subject(seed=0, size=32, num_slices=3, num_phases=1).sparse  # only the schedule matters here
+    pre = SlicePreprocessor.for_stack(stack, None, model.size_multiple)
+    sampler = LearnedMidpoints(model, pre, num_steps=2).sampler
+    torch.testing.assert_close(sampler.ddim.alphas_cumprod, trained.double())
+    assert sampler.ddim.timesteps[0] == 499
+
+
+def test_shipped_weights_record_their_schedule_and_sample_as_before():
+    """models/model.json now records the schedule the shipped weights were trained with (the
+    default); loading with and without that record gives the same sampler, hence the same output."""
+    import json
+    import shutil
+    import tempfile
+
+    from bundle.inference import load_model
+    from bundle.sampling import DEFAULT_NOISE_SCHEDULE, make_noise_scheduler
+
+    info = json.loads((ROOT / "models" / "model.json").read_text())
+    assert info["noise_schedule"] == DEFAULT_NOISE_SCHEDULE
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(ROOT / "models" / "model.pt", folder)
+        legacy = {k: v for k, v in info.items() if k != "noise_schedule"}
+        (Path(folder) / "model.json").write_text(json.dumps(legacy))
+        torch.testing.assert_close(load_model(folder).alphas_cumprod, load_model(ROOT / "models").alphas_cumprod)
+    torch.testing.assert_close(load_model(ROOT / "models").alphas_cumprod, make_noise_scheduler().alphas_cumprod)
