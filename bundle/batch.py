@@ -124,6 +124,17 @@ def merge_rank_files(out_dir, run_id, world_size):
     return out_dir / f"manifest-{run_id}.jsonl"
 
 
+def check_batch_folders(source, out_dir):
+    """Refuse an output folder that is the source folder or inside it: a second run would take
+    the first run's outputs (STUDY_x2.nii.gz) for studies and upsample them again."""
+    source, out = Path(source).resolve(), Path(out_dir).resolve()
+    if source.is_dir() and (out == source or source in out.parents):
+        raise SaxInputError(
+            f"the output folder {out_dir} is (inside) the source folder {source}: its outputs would be read as "
+            f"studies on the next run; choose a folder outside it"
+        )
+
+
 def check_batch_options(factor, options):
     """Refuse, before any study is touched, what would make every study fail."""
     import inspect
@@ -154,6 +165,7 @@ def distributed_batch(source, out_dir, factor=2, **options):
     import torch.distributed as dist
 
     check_batch_options(factor, options)
+    check_batch_folders(source, out_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     if distributed and not dist.is_initialized():

@@ -100,6 +100,12 @@ class SaxStack:
             raise SaxInputError(
                 f"non-finite intensity (NaN or inf) in the input, first at voxel (x, y, slice, phase) = {tuple(bad)}"
             )
+        largest, limit = float(np.max(np.abs(self.array))), float(np.finfo(np.float32).max)
+        if largest > limit:  # outputs are float32: this would be written as inf
+            raise SaxInputError(
+                f"intensities up to {largest:.3g} do not fit the float32 output (largest {limit:.3g}); "
+                "rescale the input"
+            )
         if not np.all(np.isfinite(self.affine)) or abs(np.linalg.det(self.affine[:3, :3])) < 1e-9:
             raise SaxInputError(f"the affine is degenerate or non-finite:\n{self.affine}")
         return self

@@ -162,3 +162,12 @@ def test_refuses_before_touching_any_study(cohort, tmp_path, capsys, args, messa
         main(["upsample-batch", str(cohort), str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", [".", "out"])
+def test_refuses_an_output_folder_inside_the_source(cohort, tmp_path, capsys, inside):
+    before = sorted(p.name for p in cohort.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upsample-batch", str(cohort), str(cohort / inside), "--method", "linear"])
+    assert exit_info.value.code == 2 and "inside) the source folder" in capsys.readouterr().err
+    assert sorted(p.name for p in cohort.rglob("*")) == before

@@ -271,3 +271,11 @@ def test_a_killed_writes_leftover_is_removed_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".other.nii.gz.x1y2z3.part.nii.gz", "dense.nii.gz", "ok.nii.gz"]
     )
+
+
+def test_values_that_do_not_fit_the_float32_output_are_refused(tmp_path, capsys):
+    data = np.ones((8, 8, 3, 2))
+    data[1, 1, 1, 0] = 1e39
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.3, 1.3, 8.0, 1.0])), path)  # float64 on disk
+    assert_refused(capsys, tmp_path, path, "intensities up to 1e+39 do not fit the float32 output")
