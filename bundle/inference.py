@@ -328,6 +328,9 @@ class LearnedMidpoints:
             if self.progress is not None:
                 self.progress.update(stop - start)
         out = torch.cat(outputs)
-        if self.model.temporal:
-            return out.permute(0, 3, 1, 2).to(left.dtype)  # (gaps, phases, X, Y)
-        return out.reshape(gaps, phases, x, y).to(left.dtype)
+        out = out.permute(0, 3, 1, 2) if self.model.temporal else out.reshape(gaps, phases, x, y)
+        # a new slice stays within the intensity range of its two neighbours (a generative model
+        # can overshoot, most visibly on constant or tiny inputs)
+        pair = torch.stack([left, right]).flatten(3)
+        low, high = pair.amin(dim=(0, 3))[..., None, None], pair.amax(dim=(0, 3))[..., None, None]
+        return torch.maximum(torch.minimum(out.to(left.dtype), high), low)

@@ -14,7 +14,7 @@ from bundle.inference import LearnedMidpoints, load_model
 from bundle.io import SaxInputError, SaxStack, read_sax, write_nifti
 from bundle.motion import FlowMidpoints
 from bundle.transforms import SlicePreprocessor
-from bundle.upsample import bisect, std_map_path, upsample_file
+from bundle.upsample import bisect, std_map_path, upsample_file, upsample_stack
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +237,19 @@ def test_gap_at_the_fallback_threshold_within_rounding_uses_the_model(tmp_path, 
     assert not predictor.falls_back(0) and predictor.falls_back(1)
     pre.slice_spacing = 15.5  # 3 % narrower: not rounding
     assert predictor.falls_back(0)
+
+
+@pytest.mark.parametrize("value", [0.0, 37.0])
+def test_constant_and_tiny_stacks_stay_within_the_neighbours_range(tmp_path, tiny_weights_2d, value):
+    rng = np.random.default_rng(0)
+    for array in (np.full((16, 16, 3, 2), value), rng.random((8, 8, 3, 2)) * 100 + value):
+        stack = SaxStack(array, np.diag([1.5, 1.5, 8.0, 1.0]))
+        model = load_model(tiny_weights_2d)
+        pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        dense = upsample_stack(stack, 4, LearnedMidpoints(model, pre, num_steps=2)).array
+        assert np.isfinite(dense).all()
+        for k in range(2):  # every new slice within the range of the acquired slices around it
+            pair = array[:, :, k : k + 2]
+            new = dense[:, :, 4 * k + 1 : 4 * k + 4]
+            low, high = pair.min(axis=(0, 1, 2)), pair.max(axis=(0, 1, 2))
+            assert (new >= low - 1e-4).all() and (new <= high + 1e-4).all()
