@@ -188,9 +188,9 @@ def make_predictors(
         from .transforms import SlicePreprocessor
 
         pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-        if spacing_mm is not None:
-            pre.slice_spacing = spacing_mm
-        common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False)
+        common = dict(
+            seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False, spacing_mm=spacing_mm
+        )
         if baselines:
             for how in ("linear", "slerp"):
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)

@@ -201,7 +201,10 @@ class LearnedMidpoints:
         progress=None,
         latent_blend=None,
         fallback=True,
+        spacing_mm=None,
     ):
+        """``spacing_mm``: the distance between the neighbours of level 0 (default: the slice
+        spacing the preprocessor was made for; leave-one-out evaluation passes twice that)."""
         from .motion import FlowMidpoints
 
         if latent_blend not in (None, "linear", "slerp"):
@@ -213,6 +216,7 @@ class LearnedMidpoints:
         self.fell_back = set()  # the levels filled by the fallback, to tell the user
         self.model = model
         self.pre = preprocessor
+        self.spacing_mm = preprocessor.slice_spacing if spacing_mm is None else float(spacing_mm)
         self.sampler = SliceSampler(
             model.autoencoder,
             model.denoiser,
@@ -254,8 +258,7 @@ class LearnedMidpoints:
     def neighbour_gap_mm(self, level):
         """Distance between the neighbours at bisection ``level`` (0: the slice spacing of the
         stack being bisected); None if the spacing is unknown."""
-        spacing = getattr(self.pre, "slice_spacing", None)
-        return None if spacing is None else spacing * 2.0**-level
+        return None if self.spacing_mm is None else self.spacing_mm * 2.0**-level
 
     def falls_back(self, level):
         from .upsample import GAP_TOLERANCE

@@ -232,11 +232,9 @@ def test_gap_at_the_fallback_threshold_within_rounding_uses_the_model(tmp_path, 
     (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 16.0}))
     model = load_model(weights)
     pre = SlicePreprocessor.for_stack(phantom_subject.sparse, None, model.size_multiple)
-    pre.slice_spacing = 15.9999
-    predictor = LearnedMidpoints(model, pre, num_steps=1)
+    predictor = LearnedMidpoints(model, pre, num_steps=1, spacing_mm=15.9999)
     assert not predictor.falls_back(0) and predictor.falls_back(1)
-    pre.slice_spacing = 15.5  # 3 % narrower: not rounding
-    assert predictor.falls_back(0)
+    assert LearnedMidpoints(model, pre, num_steps=1, spacing_mm=15.5).falls_back(0)  # 3 % narrower: not rounding
 
 
 @pytest.mark.parametrize("value", [0.0, 37.0])
