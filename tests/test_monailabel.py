@@ -65,7 +65,7 @@ def test_server_returns_the_dense_volume_with_its_geometry(phantom_dir, tmp_path
             "factor": 4,
             "steps": 1,
             "refine": False,
-            "method": "calid",
+            "method": "flow",
         }
         params = json.dumps({"factor": 2, "steps": 1, "refine": False})
         data = _post_multipart(f"{base}/infer/calid_upsample?image=study01&output=image", {"params": params}, 600)
