@@ -38,7 +38,7 @@ def test_metadata_data_formats_match_the_networks():
             jsonschema.validate(meta[key], io_schema)
     model = load_model(ROOT / "models")
     size = model.size_multiple * 2  # "16*n" with n = 2 for the cpu preset
-    assert meta["network_data_format"]["inputs"]["neighbours"]["spatial_shape"] == [f"{model.size_multiple}*n"] * 2
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [f"{model.size_multiple}*n"] * 2
     ae, ldm = meta["autoencoder_data_format"], meta["diffusion_data_format"]
     with torch.no_grad():
         image = torch.rand(1, ae["inputs"]["image"]["num_channels"], size, size)
@@ -193,3 +193,14 @@ def test_zoo_checks_on_the_unpacked_bundle(zoo_zip, tmp_path, phantom_dir):
     )
     diffusion.initialize()
     assert diffusion.check_properties() == []
+
+
+def test_the_zoo_ci_verifies_the_network_input_and_output():
+    """The model zoo's CI runs `verify_net_in_out network_def`: the input must be named `image`."""
+    import os
+
+    command = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def"]
+    command += ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "verified with no error" in done.stdout + done.stderr, done.stderr[-2000:]
