@@ -23,7 +23,7 @@ MAX_FILE_MB = 25
 # What a user of the zoo copy needs: the code the configs import, the configs, the weights, the
 # docs with the example, and the MONAI Label app. Tests, CI and training runs stay in the repository.
 PACKAGED = ("bundle", "configs", "models", "docs", "monailabel", "LICENSE", "README.md", "large_files.yml", "setup.cfg")
-SKIPPED_PARTS = {"__pycache__", ".pytest_cache"}
+SKIPPED_PARTS = {"__pycache__", ".pytest_cache", "logs"}  # logs: what a local MONAI Label server wrote
 
 
 def md5(path) -> str:

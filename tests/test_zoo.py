@@ -67,6 +67,7 @@ def test_package_builds_the_zoo_zip(zoo_zip, tmp_path):
     for required in ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt", "bundle/cli.py"):
         assert f"{BUNDLE_NAME}/{required}" in names
     assert not any("__pycache__" in n or n.startswith(f"{BUNDLE_NAME}/tests/") for n in names)
+    assert not any("/logs/" in n for n in names)  # a local MONAI Label server's log stays out
     with pytest.raises(Exception, match="exists"):  # never overwritten silently
         package(out.parent)
 
