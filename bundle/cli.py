@@ -65,15 +65,29 @@ class Commands:
         chunk_size=None,
         precision="auto",
     ):
-        """Upsample INPUT (NIfTI or DICOM folder) by FACTOR (a power of two) along the slices.
+        """Upsample one stack: INPUT (NIfTI or DICOM folder) by FACTOR (a power of two) along the slices.
 
         Writes OUTPUT (NIfTI): (Z - 1) * FACTOR + 1 slices, same in-plane grid, acquired slices
-        unchanged. --method flow (default: motion-compensated midpoints, no weights), calid (the
-        learned model, weights from models/ or --weights DIR) or linear;
-        --steps DDIM steps (default: the model's shipped setting); --refine starts from the slerp
-        of the neighbours' inverted latents (CaLID+); --samples N writes the mean of N draws and
-        OUTPUT_std.nii.gz; --preview PNG shows acquired vs generated slices and a long-axis
-        reslice. Between neighbours closer than the model's fallback_below_mm, CaLID uses flow.
+        unchanged. Refuses bad input with exit code 2 before any work, writing nothing.
+
+        Args:
+            input: a NIfTI stack (3D or 4D cine) or a DICOM folder.
+            output: the dense stack to write (.nii or .nii.gz); never overwritten without --overwrite.
+            factor: a power of two: 2 halves the slice step, 4 quarters it.
+            method: flow (motion-compensated midpoints, the default, no weights), calid (the learned
+                model; flow between neighbours closer than its fallback_below_mm) or linear.
+            steps: calid only: DDIM steps (default: the model's setting in model.json).
+            refine: calid only: CaLID+, start from the slerp of the neighbours' inverted latents.
+            samples: calid only: write the mean of N draws, and their standard deviation as OUTPUT_std.nii.gz.
+            seed: calid only: the seed of the generated slices' starting noise.
+            device: auto (CUDA if present), cpu, cuda or cuda:N.
+            weights: calid only: a folder with model.pt and model.json (default: the bundle's models/).
+            preview: a PNG of acquired and generated slices and long-axis reslices.
+            overwrite: replace an existing OUTPUT (and preview).
+            series_uid: the DICOM series to use when a folder holds several.
+            phase: the cine phase shown in the preview.
+            chunk_size: calid only: slices generated per batch (default 8 on CPU, 64 on CUDA).
+            precision: auto, fp32, bf16 or fp16 (autocast on CUDA; CPU runs fp32 unless bf16).
         """
         from .upsample import upsample_file
 
@@ -108,7 +122,9 @@ class Commands:
             print(f"preview: {preview}")
 
     def upsample_batch(self, source, out_dir, factor=2, memory_budget_mb=None, **options):
-        """Upsample every study of SOURCE (a folder of NIfTI files and DICOM folders, e.g. one
+        """Upsample a whole cohort, resumably, optionally over several processes.
+
+        Upsamples every study of SOURCE (a folder of NIfTI files and DICOM folders, e.g. one
         written by `calid phantom`, or a datalist JSON) into OUT_DIR as STUDY_xF.nii.gz.
 
         Run it as is, or under `torchrun --nproc_per_node=N` to shard the studies over N
@@ -152,7 +168,9 @@ class Commands:
         labelled_stacks=None,
         heart_mm=80.0,
     ):
-        """Compare linear interpolation, flow midpoints and the TV-L1 reference (scikit-image, slow;
+        """Evaluate every method against the truth: real studies, labelled stacks, phantoms.
+
+        Compares linear interpolation, flow midpoints and the TV-L1 reference (scikit-image, slow;
         --noreference skips it), and with --weights linear and slerp in the VAE's latent space,
         CaLID and CaLID+, with the truth: leave-one-out on real STUDIES (folders
         with dicom/ and, for the heart region, Sunnybrook contours/), every phase; a DDIM steps
@@ -192,9 +210,11 @@ class Commands:
         print((Path(out_dir) / "report.md").read_text())
 
     def package(self, out_dir, overwrite=False, update_hashes=False):
-        """Build the model-zoo zip OUT_DIR/calid_cmr_interpolation_vVERSION.zip after the zoo's
-        offline checks (required files, version in changelog, file sizes, large_files.yml
-        hashes). --update-hashes rewrites large_files.yml from the current weights first."""
+        """Build the model-zoo zip after the zoo's offline checks.
+
+        Writes OUT_DIR/calid_cmr_interpolation_vVERSION.zip once the checks pass (required files,
+        version in changelog, file sizes, large_files.yml hashes). --update-hashes rewrites
+        large_files.yml from the current weights first."""
         import json
 
         from .package import package, write_large_files
@@ -205,7 +225,9 @@ class Commands:
         print(json.dumps(report, indent=2))
 
     def plot_training(self, output, *run_dirs, title=""):
-        """PNG of training runs: each RUN_DIR's loss (train_log.csv) and validation PSNR
+        """Plot training runs (loss and validation gain) as a PNG.
+
+        Each RUN_DIR's loss (train_log.csv) and validation PSNR
         against linear (validation.csv), side by side."""
         from .preview import plot_training_logs
 
@@ -244,7 +266,7 @@ class Commands:
         print(f"wrote {subjects} phantom subject(s) to {out}")
 
     def train_speed(self, preset="cpu", iterations=3, device="auto", temporal=False, batch_size=None):
-        """Benchmark: parameter counts and seconds per training iteration of both stages."""
+        """Benchmark training: parameter counts and seconds per iteration of both stages."""
         import json
 
         from .benchmark import training_speed
@@ -254,7 +276,9 @@ class Commands:
         print(json.dumps(result, indent=2))
 
     def benchmark(self, **options):
-        """Benchmark: wall time and peak memory to upsample a phantom cine (default 12 slices x
+        """Benchmark upsampling: wall time and peak memory, batched vs a per-slice loop.
+
+        Upsamples a phantom cine (default 12 slices x
         20 phases x 256x256, x4, 8 steps), batched vs a per-slice loop. Options (defaults):
         --method calid (the learned model) or flow (flow midpoints; no model options),
         --preset cpu (random weights of a preset) or --weights DIR, --temporal False,
@@ -269,6 +293,14 @@ class Commands:
             if name in options:
                 options[name] = as_flag(options[name], f"--{name}")
         print(json.dumps(inference_speed(**options), indent=2))
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def check_flags(argv):
@@ -289,6 +321,10 @@ def check_flags(argv):
     for token in argv[1:]:
         if token == "--":
             break
+        if token.startswith("-") and not token.startswith("--") and not _is_number(token):
+            raise SaxInputError(
+                f"short options such as {token} are not supported; write the option out (--factor, ...)"
+            )
         if not token.startswith("--"):
             continue
         name = token[2:].split("=", 1)[0].replace("-", "_")
@@ -298,15 +334,32 @@ def check_flags(argv):
         raise SaxInputError(f"calid {argv[0]} has no option {token.split('=', 1)[0]}; its options: {valid}")
 
 
+def command_list() -> str:
+    """``calid --help``: every command with the first line of its description."""
+    import inspect
+
+    lines = [f"calid: {Commands.__doc__.strip()}", "", "usage: calid COMMAND [ARGS] [--OPTIONS]", "", "commands:"]
+    for name, function in inspect.getmembers(Commands, inspect.isfunction):
+        if not name.startswith("_"):
+            summary = inspect.getdoc(function).splitlines()[0]
+            lines.append(f"  {name.replace('_', '-'):<16}{summary}")
+    lines += ["", "calid COMMAND --help describes a command and its options."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import fire
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(command_list())
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # header warnings (invalid UIDs and the like) as one log line each, without source lines
     warnings.showwarning = lambda message, *args, **kwargs: logger.warning("%s", message)
     try:
-        check_flags(sys.argv[1:] if argv is None else list(argv))
-        fire.Fire(Commands, command=argv, name="calid")
+        check_flags(args)
+        fire.Fire(Commands, command=args, name="calid")
     except SaxInputError as e:
         print(f"calid: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -279,3 +279,17 @@ def test_values_that_do_not_fit_the_float32_output_are_refused(tmp_path, capsys)
     path = tmp_path / "huge.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([1.3, 1.3, 8.0, 1.0])), path)  # float64 on disk
     assert_refused(capsys, tmp_path, path, "intensities up to 1e+39 do not fit the float32 output")
+
+
+def test_help_lists_every_command_in_one_line(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("upsample ", "upsample-batch ", "convert ", "evaluate ", "phantom ", "package ", "benchmark "):
+        assert f"\n  {command}" in out
+    assert all(len(line) <= 120 for line in out.splitlines())
+
+
+def test_short_options_are_refused_not_guessed(tmp_path, capsys):
+    """fire would read `-o out.nii.gz` as --overwrite: refuse single-dash options outright."""
+    path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
+    assert_refused(capsys, tmp_path, path, "short options such as -o are not supported", ("-o", "x.nii.gz"))
