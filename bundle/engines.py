@@ -22,6 +22,7 @@ from monai.engines import SupervisedTrainer
 from monai.losses import PatchAdversarialLoss
 from torch.optim.swa_utils import AveragedModel
 
+from .io import atomic_write
 from .metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
@@ -547,9 +548,8 @@ def save_weights(module, path, extra: dict | None = None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     if extra is not None:  # objects such as LatentScale are written by their current value
-        path.with_suffix(".json").write_text(json.dumps(extra, indent=4, default=lambda o: getattr(o, "value", str(o))))
+        text = json.dumps(extra, indent=4, default=lambda o: getattr(o, "value", str(o)))
+        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
     return path

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import cyclic_frames
-from .io import SaxInputError
+from .io import SaxInputError, atomic_write
 from .sampling import SliceSampler
 from .transforms import SlicePreprocessor
 
@@ -86,10 +86,8 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
             state[f"{prefix}.{key}"] = value.half() if half and value.is_floating_point() else value
     info = {**info, "stage": "model", "autoencoder_trained_on": ae_info.get("trained_on")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "model.pt.part"
-    torch.save(state, tmp)
-    tmp.replace(out_dir / "model.pt")
-    (out_dir / "model.json").write_text(json.dumps(info, indent=4))
+    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=4)))
     return out_dir
 
 

@@ -438,19 +438,28 @@ def write_nifti(stack: SaxStack, output, overwrite=False, inputs=(), dtype=np.fl
         zooms[3] = float(np.mean(np.diff(times)))
         img.header.set_zooms(zooms)
     img.header["descrip"] = str(stack.meta.get("descrip", ""))[:79].encode("latin-1", "replace")
-    suffix = ".nii.gz" if output.name.endswith(".nii.gz") else ".nii"
-    for stale in output.parent.glob(f".{glob.escape(output.name)}.*.part{suffix}"):  # a killed earlier write
+    return atomic_write(output, lambda tmp: nib.save(img, tmp))
+
+
+def atomic_write(path, write) -> Path:
+    """All or nothing: ``write(tmp)`` fills a hidden temporary file beside ``path``
+    (``.NAME.XXXX.part.SUFFIX``, so formats read from the suffix still apply), which is then
+    renamed over ``path``. A failure leaves no temporary file; one left by a killed earlier
+    write of the same ``path`` is removed first. Every file the bundle writes goes through here."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part{suffix}"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=f".part{suffix}", dir=output.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, output)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return output
+    return path
 
 
 def _umask():

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from . import BUNDLE_ROOT
-from .io import SaxInputError
+from .io import SaxInputError, atomic_write
 
 BUNDLE_NAME = "calid_cmr_interpolation"
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
@@ -99,12 +99,14 @@ def package(out_dir, root=BUNDLE_ROOT, overwrite=False):
     if out.exists() and not overwrite:
         raise SaxInputError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".zip.part")
     files = list(_packaged_files(root))
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in files:
-            zf.write(path, f"{BUNDLE_NAME}/{path.relative_to(root)}")
-    tmp.replace(out)
+
+    def write_zip(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in files:
+                zf.write(path, f"{BUNDLE_NAME}/{path.relative_to(root)}")
+
+    atomic_write(out, write_zip)
     report = {
         "zip": str(out),
         "files": len(files),
