@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from .data import find_studies, load_datalist, study_name
-from .io import NIFTI_SUFFIXES, SaxInputError, as_flag
+from .io import NIFTI_SUFFIXES, InputRefused, as_flag
 
 logger = logging.getLogger(__name__)
 DATALIST_KEYS = ("testing", "validation", "training")
@@ -33,7 +33,7 @@ def batch_inputs(source, key=None):
             content = json.loads(source.read_text())
             key = next((k for k in DATALIST_KEYS if k in content), None)
             if key is None:
-                raise SaxInputError(f"{source} has none of the lists {', '.join(DATALIST_KEYS)}")
+                raise InputRefused(f"{source} has none of the lists {', '.join(DATALIST_KEYS)}")
         return sorted(load_datalist(source, key=key))
     return sorted(find_studies(dataset_dir=source))
 
@@ -129,7 +129,7 @@ def check_batch_folders(source, out_dir):
     the first run's outputs (STUDY_x2.nii.gz) for studies and upsample them again."""
     source, out = Path(source).resolve(), Path(out_dir).resolve()
     if source.is_dir() and (out == source or source in out.parents):
-        raise SaxInputError(
+        raise InputRefused(
             f"the output folder {out_dir} is (inside) the source folder {source}: its outputs would be read as "
             f"studies on the next run; choose a folder outside it"
         )
@@ -146,14 +146,14 @@ def check_batch_options(factor, options):
     allowed = set(inspect.signature(upsample_file).parameters) - per_study
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise SaxInputError(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
+        raise InputRefused(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
     bisection_levels(factor)
     for name in ("overwrite", "refine"):  # the run skips existing outputs before upsample_file sees them
         if name in options:
             options[name] = as_flag(options[name], name)
     method = options.get("method", DEFAULT_METHOD)
     if method not in METHODS:
-        raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        raise InputRefused(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if method == "calid":
         check_weights(options.get("weights_dir"))
 

@@ -8,7 +8,7 @@ import torch
 
 from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, PerceptualTerm, make_ema
 from .inference import resolve_device
-from .io import SaxInputError
+from .io import InputRefused
 from .networks import build_discriminator, build_networks, count_parameters, preset
 from .sampling import make_noise_scheduler
 
@@ -144,7 +144,7 @@ def inference_speed(
     """Wall time and peak memory to upsample a phantom cine, batched vs a per-slice loop, with
     the learned model (``method`` calid) or flow midpoints (``method`` flow)."""
     if method not in ("calid", "flow"):
-        raise SaxInputError(f"benchmark --method is calid or flow, got {method!r}")
+        raise InputRefused(f"benchmark --method is calid or flow, got {method!r}")
     import multiprocessing
 
     from .phantom import make_subject

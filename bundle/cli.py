@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import SaxInputError, as_flag, check_output_path, read_sax, write_nifti
+from .io import InputRefused, as_flag, check_output_path, read_sax, write_nifti
 
 logger = logging.getLogger("calid")
 
@@ -28,7 +28,7 @@ def _describe(stack, label):
 def _refuse_model_options(method, weights=None, steps=None, refine=False, **_):
     """Options of the learned model given with another method would be silently ignored."""
     if method != "calid" and (weights is not None or steps is not None or as_flag(refine, "--refine")):
-        raise SaxInputError(
+        raise InputRefused(
             f"--weights, --steps and --refine are for --method calid; --method {method} does not use a model"
         )
 
@@ -39,7 +39,7 @@ class Commands:
     def convert(self, dicom_dir, output, series_uid=None, overwrite=False):
         """Convert a DICOM SAX cine folder to NIfTI with the exact geometry."""
         if not Path(dicom_dir).is_dir():
-            raise SaxInputError(f"{dicom_dir} is not a DICOM folder")
+            raise InputRefused(f"{dicom_dir} is not a DICOM folder")
         overwrite = as_flag(overwrite, "--overwrite")
         check_output_path(output, inputs=[dicom_dir], overwrite=overwrite)
         stack = read_sax(dicom_dir, series_uid=series_uid)
@@ -137,7 +137,7 @@ class Commands:
         from .batch import distributed_batch
 
         if "preview" in options:
-            raise SaxInputError("--preview is for one study: use calid upsample")
+            raise InputRefused("--preview is for one study: use calid upsample")
         _refuse_model_options(**{"method": "flow", **options})
         renamed = {"steps": "num_inference_steps", "weights": "weights_dir"}
         options = {renamed.get(k, k): v for k, v in options.items()}
@@ -232,7 +232,7 @@ class Commands:
         from .preview import plot_training_logs
 
         if Path(output).exists():
-            raise SaxInputError(f"{output} exists; choose another name")
+            raise InputRefused(f"{output} exists; choose another name")
         print(plot_training_logs(run_dirs, output, title=title))
 
     def phantom(
@@ -322,16 +322,14 @@ def check_flags(argv):
         if token == "--":
             break
         if token.startswith("-") and not token.startswith("--") and not _is_number(token):
-            raise SaxInputError(
-                f"short options such as {token} are not supported; write the option out (--factor, ...)"
-            )
+            raise InputRefused(f"short options such as {token} are not supported; write the option out (--factor, ...)")
         if not token.startswith("--"):
             continue
         name = token[2:].split("=", 1)[0].replace("-", "_")
         if name in names or (name.startswith("no") and name[2:] in names) or name == "help":
             continue
         valid = ", ".join("--" + n.replace("_", "-") for n in names)
-        raise SaxInputError(f"calid {argv[0]} has no option {token.split('=', 1)[0]}; its options: {valid}")
+        raise InputRefused(f"calid {argv[0]} has no option {token.split('=', 1)[0]}; its options: {valid}")
 
 
 def command_list() -> str:
@@ -360,7 +358,7 @@ def main(argv=None):
     try:
         check_flags(args)
         fire.Fire(Commands, command=args, name="calid")
-    except SaxInputError as e:
+    except InputRefused as e:
         print(f"calid: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -23,7 +23,7 @@ from monai.transforms import (
     Transform,
 )
 
-from .io import NIFTI_SUFFIXES, SaxInputError, dicom_candidates, read_sax
+from .io import NIFTI_SUFFIXES, InputRefused, dicom_candidates, read_sax
 from .phantom import COMPANION_SUFFIXES
 from .transforms import IntensityScaler, model_grid_size, resample_inplane
 
@@ -41,7 +41,7 @@ def list_studies(dataset_dir) -> list[Path]:
     their ``_truth``/``_labels`` names) and every sub-folder holding DICOM files."""
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise SaxInputError(f"dataset_dir {root} is not a folder")
+        raise InputRefused(f"dataset_dir {root} is not a folder")
     studies = []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
@@ -51,7 +51,7 @@ def list_studies(dataset_dir) -> list[Path]:
         elif entry.is_dir() and dicom_candidates(entry):
             studies.append(entry)
     if not studies:
-        raise SaxInputError(f"no studies (NIfTI files or DICOM folders) in {root}")
+        raise InputRefused(f"no studies (NIfTI files or DICOM folders) in {root}")
     return studies
 
 
@@ -61,7 +61,7 @@ def load_datalist(datalist_json, key="training") -> list[Path]:
     datalist_json = Path(datalist_json)
     content = json.loads(datalist_json.read_text())
     if key not in content:
-        raise SaxInputError(f"{datalist_json} has no '{key}' list (keys: {', '.join(content)})")
+        raise InputRefused(f"{datalist_json} has no '{key}' list (keys: {', '.join(content)})")
     entries = content[key]
     return [(datalist_json.parent / (e["image"] if isinstance(e, dict) else e)).resolve() for e in entries]
 
@@ -71,7 +71,7 @@ def find_studies(dataset_dir=None, datalist=None, key="training") -> list[Path]:
     if datalist:
         return load_datalist(datalist, key=key)
     if not dataset_dir:
-        raise SaxInputError("set dataset_dir (a folder of studies) or datalist (a Decathlon-style JSON)")
+        raise InputRefused("set dataset_dir (a folder of studies) or datalist (a Decathlon-style JSON)")
     return list_studies(dataset_dir)
 
 
@@ -91,7 +91,7 @@ def split_studies(studies, val_names=None, val_fraction=0.25, seed=0):
         val_names = set(val_names)
         missing = val_names - {study_name(s) for s in studies}
         if missing:
-            raise SaxInputError(f"validation studies not found: {sorted(missing)}")
+            raise InputRefused(f"validation studies not found: {sorted(missing)}")
         val = [s for s in studies if study_name(s) in val_names]
     else:
         n_val = max(1, int(round(len(studies) * val_fraction))) if len(studies) > 1 else 0
@@ -179,7 +179,7 @@ def triplet_dataset(
     """A MONAI ``Dataset`` of neighbour triplets; deterministic for a given ``seed``."""
     records = triplet_records(volumes, spacings, gaps=gaps, temporal=temporal)
     if not records:
-        raise SaxInputError(f"no triplets: every study needs at least {2 * min(gaps) + 1} slices for gaps {gaps}")
+        raise InputRefused(f"no triplets: every study needs at least {2 * min(gaps) + 1} slices for gaps {gaps}")
     keys = ["image", "neighbours"]
     transforms = [ExtractTripletd(volumes, num_frames=num_frames if temporal else None)]
     if spatial_size is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import SaxInputError, as_flag, read_sax
+from .io import InputRefused, as_flag, read_sax
 from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
 from .transforms import IntensityScaler
@@ -258,7 +258,7 @@ def evaluate(
     perceptual, reference = as_flag(perceptual, "perceptual"), as_flag(reference, "reference")
     out_dir = Path(out_dir)
     if (out_dir / "report.json").exists() and not overwrite:
-        raise SaxInputError(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
+        raise InputRefused(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(weights_dir, device=device) if weights_dir else None  # once, for every study
     perceptual = PerceptualMetrics(alexnet_weights, device=device) if perceptual else None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import cyclic_frames
-from .io import SaxInputError, atomic_write
+from .io import InputRefused, atomic_write
 from .sampling import SliceSampler
 from .transforms import SlicePreprocessor
 
@@ -58,7 +58,7 @@ def check_weights(weights_dir=None) -> Path:
     folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
     missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
     if missing:
-        raise SaxInputError(
+        raise InputRefused(
             f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training; the "
             f"diffusion stage writes OUTPUT_DIR/model) or pass --weights DIR with {' and '.join(WEIGHT_FILES)}; "
             f"--method linear needs no weights"
@@ -79,7 +79,7 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
         # scale: the scale is the frozen VAE's statistic, the same for the final weights
         info["latent_scale"] = json.loads(last.read_text()).get("latent_scale")
     if ae_info.get("net", {}).get("vae_channels") != info.get("net", {}).get("vae_channels"):
-        raise SaxInputError(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
+        raise InputRefused(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
     state = {}
     for prefix, path in (("autoencoder", autoencoder_path), ("denoiser", diffusion_path)):
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
@@ -100,32 +100,32 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     try:
         info = json.loads((folder / "model.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaxInputError(f"{folder / 'model.json'} is not valid JSON ({e}); export the weights again") from None
+        raise InputRefused(f"{folder / 'model.json'} is not valid JSON ({e}); export the weights again") from None
     if not isinstance(info, dict) or not info.get("latent_scale"):
-        raise SaxInputError(f"{folder / 'model.json'} has no latent_scale")
+        raise InputRefused(f"{folder / 'model.json'} has no latent_scale")
     missing = [key for key in ("spatial_dims", "net") if key not in info]
     if missing:
-        raise SaxInputError(f"{folder / 'model.json'} lacks {', '.join(missing)}; export the weights again")
+        raise InputRefused(f"{folder / 'model.json'} lacks {', '.join(missing)}; export the weights again")
     if info.get("preset") is not None and info["preset"] not in PRESETS:
-        raise SaxInputError(
+        raise InputRefused(
             f"{folder / 'model.json'} names preset {info['preset']!r}, which does not exist; "
             f"presets: {', '.join(PRESETS)}"
         )
     try:
         network = CaLIDNetwork.from_info(info)
     except (KeyError, TypeError, ValueError) as e:
-        raise SaxInputError(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
+        raise InputRefused(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
     try:
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding more than tensors
-        raise SaxInputError(
+        raise InputRefused(
             f"{folder / 'model.pt'} cannot be read as weights ({type(e).__name__}); the file is damaged or not "
             f"a state dict of tensors: download or export it again"
         ) from None
     try:
         network.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
-        raise SaxInputError(
+        raise InputRefused(
             f"{folder / 'model.pt'} does not fit the network described in model.json "
             f"(preset {info.get('preset')}, spatial_dims {network.spatial_dims}): {str(e).splitlines()[0]}"
         ) from e
@@ -154,11 +154,11 @@ def resolve_device(device="auto") -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise SaxInputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise InputRefused(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise SaxInputError(f"device {device} is not supported; use auto, cpu, cuda or cuda:N")
+        raise InputRefused(f"device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SaxInputError("--device cuda requested but CUDA is not available here; use --device cpu or auto")
+        raise InputRefused("--device cuda requested but CUDA is not available here; use --device cpu or auto")
     return device
 
 

@@ -32,8 +32,10 @@ SPACING_TOLERANCE = 0.05
 PARALLEL_TOLERANCE_DEG = 1.0
 
 
-class SaxInputError(ValueError):
-    """The input cannot be used as a short-axis stack; the message says why."""
+class InputRefused(ValueError):
+    """The project's one refusal: an input, option, weights file or output path that cannot be
+    used, found before any work starts. The message says why; the CLI prints it on one line and
+    exits with code 2."""
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -49,7 +51,7 @@ def as_flag(value, name) -> bool:
     text = str(value).strip().lower()
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    raise SaxInputError(f"{name} must be true or false (or 1/0, yes/no), got {value!r}")
+    raise InputRefused(f"{name} must be true or false (or 1/0, yes/no), got {value!r}")
 
 
 @dataclasses.dataclass
@@ -70,7 +72,7 @@ class SaxStack:
         self.array = np.asarray(self.array)
         self.affine = np.asarray(self.affine, dtype=np.float64)
         if self.array.ndim != 4:
-            raise SaxInputError(f"expected an array (x, y, slice, phase), got shape {self.array.shape}")
+            raise InputRefused(f"expected an array (x, y, slice, phase), got shape {self.array.shape}")
 
     @property
     def shape(self):
@@ -89,25 +91,25 @@ class SaxStack:
         """Refuse stacks no method can upsample; returns self."""
         x, y, z, t = self.array.shape
         if x < 2 or y < 2:
-            raise SaxInputError(f"expected 2D slices, got in-plane size {x}x{y}")
+            raise InputRefused(f"expected 2D slices, got in-plane size {x}x{y}")
         if z < 2:
-            raise SaxInputError(
+            raise InputRefused(
                 f"a stack needs at least two slices to interpolate between, got {z} slice(s) "
                 f"(shape {self.array.shape})"
             )
         if not np.all(np.isfinite(self.array)):
             bad = np.argwhere(~np.isfinite(self.array))[0]
-            raise SaxInputError(
+            raise InputRefused(
                 f"non-finite intensity (NaN or inf) in the input, first at voxel (x, y, slice, phase) = {tuple(bad)}"
             )
         largest, limit = float(np.max(np.abs(self.array))), float(np.finfo(np.float32).max)
         if largest > limit:  # outputs are float32: this would be written as inf
-            raise SaxInputError(
+            raise InputRefused(
                 f"intensities up to {largest:.3g} do not fit the float32 output (largest {limit:.3g}); "
                 "rescale the input"
             )
         if not np.all(np.isfinite(self.affine)) or abs(np.linalg.det(self.affine[:3, :3])) < 1e-9:
-            raise SaxInputError(f"the affine is degenerate or non-finite:\n{self.affine}")
+            raise InputRefused(f"the affine is degenerate or non-finite:\n{self.affine}")
         return self
 
 
@@ -118,13 +120,13 @@ def read_sax(path, series_uid: str | None = None) -> SaxStack:
     """Read a SAX stack from a NIfTI file (3D or 4D) or a DICOM folder, and validate it."""
     path = Path(path)
     if not path.exists():
-        raise SaxInputError(f"input not found: {path}")
+        raise InputRefused(f"input not found: {path}")
     if path.is_dir():
         stack = read_dicom_folder(path, series_uid=series_uid)
     elif path.name.endswith(NIFTI_SUFFIXES):
         stack = read_nifti(path)
     else:
-        raise SaxInputError(f"unsupported input {path}: expected a NIfTI file (.nii, .nii.gz) or a DICOM folder")
+        raise InputRefused(f"unsupported input {path}: expected a NIfTI file (.nii, .nii.gz) or a DICOM folder")
     return stack.validate()
 
 
@@ -133,13 +135,13 @@ def read_nifti(path) -> SaxStack:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for truncated or corrupt files
-        raise SaxInputError(f"cannot read NIfTI {path}: {e}") from e
+        raise InputRefused(f"cannot read NIfTI {path}: {e}") from e
     if data.ndim == 2 or (data.ndim >= 3 and data.shape[2] == 1 and data.ndim <= 4):
-        raise SaxInputError(f"{path} holds a single 2D slice (shape {data.shape}); a stack needs at least two slices")
+        raise InputRefused(f"{path} holds a single 2D slice (shape {data.shape}); a stack needs at least two slices")
     if data.ndim == 5 and data.shape[4] == 1:
         data = data[..., 0]
     if data.ndim not in (3, 4):
-        raise SaxInputError(f"{path}: expected a 3D (x, y, slice) or 4D (x, y, slice, phase) image, got {data.shape}")
+        raise InputRefused(f"{path}: expected a 3D (x, y, slice) or 4D (x, y, slice, phase) image, got {data.shape}")
     was_3d = data.ndim == 3
     if was_3d:
         data = data[..., None]
@@ -209,27 +211,27 @@ def _read_dicom_series(folder: Path, series_uid):
 
     files = dicom_candidates(folder)
     if not files:
-        raise SaxInputError(f"no DICOM files in {folder} (looked for *.dcm, *.dicom, *.ima and files without suffix)")
+        raise InputRefused(f"no DICOM files in {folder} (looked for *.dcm, *.dicom, *.ima and files without suffix)")
     series = defaultdict(list)
     for f in files:
         try:
             ds = pydicom.dcmread(str(f))
         except InvalidDicomError as e:
-            raise SaxInputError(f"not a readable DICOM file: {f} ({e})") from e
+            raise InputRefused(f"not a readable DICOM file: {f} ({e})") from e
         except Exception as e:
-            raise SaxInputError(f"cannot read DICOM file {f}: {e}") from e
+            raise InputRefused(f"cannot read DICOM file {f}: {e}") from e
         if "PixelData" not in ds:
             logger.info("skipping %s: no pixel data (e.g. DICOMDIR or a report)", f)
             continue
         ds.filename = str(f)
         series[str(getattr(ds, "SeriesInstanceUID", "unknown"))].append(ds)
     if not series:
-        raise SaxInputError(f"no DICOM images with pixel data in {folder}")
+        raise InputRefused(f"no DICOM images with pixel data in {folder}")
 
     if series_uid is not None:
         if series_uid not in series:
             listing = "\n  ".join(_series_label(v) for v in series.values())
-            raise SaxInputError(f"series {series_uid} not found in {folder}; series present:\n  {listing}")
+            raise InputRefused(f"series {series_uid} not found in {folder}; series present:\n  {listing}")
         chosen = series[series_uid]
     elif len(series) == 1:
         chosen = next(iter(series.values()))
@@ -238,7 +240,7 @@ def _read_dicom_series(folder: Path, series_uid):
         if len(cines) != 1:
             listing = "\n  ".join(_series_label(v) for v in series.values())
             what = "no series" if not cines else f"{len(cines)} series"
-            raise SaxInputError(
+            raise InputRefused(
                 f"{folder} holds {len(series)} series and {what} looks like a short-axis cine stack "
                 f"(several parallel slices, several phases each); pick one with series_uid / --series-uid:\n"
                 f"  {listing}"
@@ -253,21 +255,21 @@ def _geometry(ds):
         ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
         spacing = np.array([float(v) for v in ds.PixelSpacing], dtype=np.float64)
     except (AttributeError, TypeError, ValueError) as e:
-        raise SaxInputError(
+        raise InputRefused(
             f"{ds.filename}: missing or malformed geometry (ImageOrientationPatient, ImagePositionPatient, "
             f"PixelSpacing): {e}"
         ) from e
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
     normal = np.cross(row_dir, col_dir)
     if np.linalg.norm(normal) < 1e-6:
-        raise SaxInputError(f"{ds.filename}: degenerate ImageOrientationPatient {iop.tolist()}")
+        raise InputRefused(f"{ds.filename}: degenerate ImageOrientationPatient {iop.tolist()}")
     return row_dir, col_dir, normal / np.linalg.norm(normal), ipp, spacing
 
 
 def _looks_like_sax_cine(datasets):
     try:
         normals = [_geometry(d)[2] for d in datasets]
-    except SaxInputError:
+    except InputRefused:
         return False
     if any(np.dot(n, normals[0]) < np.cos(np.radians(PARALLEL_TOLERANCE_DEG)) for n in normals):
         return False
@@ -289,16 +291,16 @@ def _stack_from_datasets(datasets, folder) -> SaxStack:
     for d, (row, col, normal, _, spacing) in zip(datasets, geoms):
         if np.dot(normal, normal0) < cos_tol:
             angle = np.degrees(np.arccos(np.clip(np.dot(normal, normal0), -1, 1)))
-            raise SaxInputError(
+            raise InputRefused(
                 f"slices are not parallel: {Path(d.filename).name} is tilted {angle:.1f} degrees from "
                 f"{Path(datasets[0].filename).name}"
             )
         if np.dot(row, row0) < cos_tol or not np.allclose(spacing, spacing0, rtol=1e-3):
-            raise SaxInputError(
+            raise InputRefused(
                 f"{Path(d.filename).name}: in-plane orientation or pixel spacing differs from the rest of the series"
             )
         if (d.Rows, d.Columns) != (datasets[0].Rows, datasets[0].Columns):
-            raise SaxInputError(f"{Path(d.filename).name}: image size differs from the rest of the series")
+            raise InputRefused(f"{Path(d.filename).name}: image size differs from the rest of the series")
 
     # Group images by position along the normal (clustered with a 0.1 mm tolerance).
     heights = np.array([np.dot(g[3], normal0) for g in geoms])
@@ -310,13 +312,13 @@ def _stack_from_datasets(datasets, folder) -> SaxStack:
         else:
             slices.append([idx])
     if len(slices) < 2:
-        raise SaxInputError(
+        raise InputRefused(
             f"{folder}: all {len(datasets)} images lie at one slice position; a stack needs at least two slices"
         )
     counts = [len(s) for s in slices]
     if len(set(counts)) != 1:
         detail = ", ".join(f"slice {k} ({heights[s[0]]:.2f} mm): {len(s)}" for k, s in enumerate(slices))
-        raise SaxInputError(f"slices have different numbers of phases: {detail}")
+        raise InputRefused(f"slices have different numbers of phases: {detail}")
 
     # Within a slice, order phases by TriggerTime (fall back to acquisition order only if absent).
     grid = []
@@ -324,14 +326,14 @@ def _stack_from_datasets(datasets, folder) -> SaxStack:
         times = [_trigger_time(datasets[i]) for i in members]
         if any(t is None for t in times):
             if len(members) > 1:
-                raise SaxInputError(
+                raise InputRefused(
                     f"slice {k}: {len(members)} images at one position but TriggerTime missing, "
                     f"cannot order the phases"
                 )
             times = [0.0]
         members = [m for _, m in sorted(zip(times, members), key=lambda p: p[0])]
         if len(set(times)) != len(times):
-            raise SaxInputError(f"slice {k}: two images share a TriggerTime; duplicate or mixed series?")
+            raise InputRefused(f"slice {k}: two images share a TriggerTime; duplicate or mixed series?")
         grid.append(members)
 
     # Uneven spacing (a missing slice, a mixed stack) breaks a single affine: refuse, naming the gap.
@@ -340,7 +342,7 @@ def _stack_from_datasets(datasets, folder) -> SaxStack:
     typical = float(np.median(gaps))  # robust to the one odd gap we want to name
     worst = int(np.argmax(np.abs(gaps - typical)))
     if abs(gaps[worst] - typical) > SPACING_TOLERANCE * typical:
-        raise SaxInputError(
+        raise InputRefused(
             f"uneven slice spacing: the gap between slice {worst} and slice {worst + 1} is {gaps[worst]:.2f} mm "
             f"while the typical gap is {typical:.2f} mm (a missing slice?); all gaps (mm): "
             f"{', '.join(f'{x:.2f}' for x in gaps)}"
@@ -378,9 +380,9 @@ def _pixels(ds):
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as e:
-        raise SaxInputError(f"cannot decode pixel data of {ds.filename} (truncated or corrupt?): {e}") from e
+        raise InputRefused(f"cannot decode pixel data of {ds.filename} (truncated or corrupt?): {e}") from e
     if pixels.ndim != 2:
-        raise SaxInputError(f"{ds.filename}: expected one 2D frame, got pixel array {pixels.shape}")
+        raise InputRefused(f"{ds.filename}: expected one 2D frame, got pixel array {pixels.shape}")
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     return pixels * slope + intercept
@@ -393,16 +395,16 @@ def check_output_path(output, inputs=(), overwrite=False) -> Path:
     """Refuse to overwrite an input, or an existing output unless ``overwrite``."""
     output = Path(output)
     if not output.name.endswith(NIFTI_SUFFIXES):
-        raise SaxInputError(f"output must be a NIfTI file (.nii or .nii.gz): {output}")
+        raise InputRefused(f"output must be a NIfTI file (.nii or .nii.gz): {output}")
     resolved = output.resolve()
     for src in inputs:
         src = Path(src).resolve()
         if resolved == src or (src.is_dir() and src in resolved.parents):
-            raise SaxInputError(f"refusing to write {output} over (or inside) the input {src}")
+            raise InputRefused(f"refusing to write {output} over (or inside) the input {src}")
     if output.is_dir():
-        raise SaxInputError(f"output {output} is a folder; give a file name ending in .nii.gz")
+        raise InputRefused(f"output {output} is a folder; give a file name ending in .nii.gz")
     if output.exists() and not overwrite:
-        raise SaxInputError(f"{output} exists; pass --overwrite to replace it")
+        raise InputRefused(f"{output} exists; pass --overwrite to replace it")
     check_writable_folder(output.parent)
     return output
 
@@ -415,9 +417,9 @@ def check_writable_folder(folder) -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise SaxInputError(f"cannot write into {folder}: {existing} is a file")
+        raise InputRefused(f"cannot write into {folder}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SaxInputError(f"cannot write into {folder}: {existing} is not writable")
+        raise InputRefused(f"cannot write into {folder}: {existing} is not writable")
     return folder
 
 

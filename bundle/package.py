@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from . import BUNDLE_ROOT
-from .io import SaxInputError, atomic_write
+from .io import InputRefused, atomic_write
 
 BUNDLE_NAME = "calid_cmr_interpolation"
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
@@ -93,11 +93,11 @@ def package(out_dir, root=BUNDLE_ROOT, overwrite=False):
     checks = zoo_checks(root)
     failed = {k: v for k, v in checks.items() if v != "ok"}
     if failed:
-        raise SaxInputError("bundle fails the zoo's checks: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        raise InputRefused("bundle fails the zoo's checks: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     version = json.loads((root / "configs" / "metadata.json").read_text())["version"]
     out = Path(out_dir) / f"{BUNDLE_NAME}_v{version}.zip"
     if out.exists() and not overwrite:
-        raise SaxInputError(f"{out} exists; pass --overwrite to replace it")
+        raise InputRefused(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     files = list(_packaged_files(root))
 

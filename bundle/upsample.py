@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import SaxInputError, SaxStack, as_flag, check_output_path, check_writable_folder, read_sax, write_nifti
+from .io import InputRefused, SaxStack, as_flag, check_output_path, check_writable_folder, read_sax, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def bisection_levels(factor) -> int:
     try:
         f = int(factor)
     except (TypeError, ValueError):
-        raise SaxInputError(f"factor must be a power of two (1, 2, 4, 8, ...), got {factor!r}") from None
+        raise InputRefused(f"factor must be a power of two (1, 2, 4, 8, ...), got {factor!r}") from None
     if f != factor or f < 1 or f & (f - 1):
-        raise SaxInputError(
+        raise InputRefused(
             f"factor must be a power of two (1, 2, 4, 8, ...), got {factor!r}; other factors are not supported yet"
         )
     return f.bit_length() - 1
@@ -141,13 +141,13 @@ MAX_STEPS = 1000  # the noise schedule's training timesteps: DDIM cannot take mo
 def check_model_options(steps, chunk_size, precision):
     """Refuse learned-model options that would be silently changed or ignored."""
     if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS):
-        raise SaxInputError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+        raise InputRefused(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     if chunk_size is not None and not (
         isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
     ):
-        raise SaxInputError(f"chunk size must be a whole number of at least 1, got {chunk_size!r}")
+        raise InputRefused(f"chunk size must be a whole number of at least 1, got {chunk_size!r}")
     if precision not in PRECISIONS:
-        raise SaxInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InputRefused(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def check_output_size(shape, factor, samples=1, memory_budget_mb=None):
@@ -160,7 +160,7 @@ def check_output_size(shape, factor, samples=1, memory_budget_mb=None):
     needed = x * y * ((z - 1) * factor + 1) * t * 4 * arrays
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > 0.8 * available:
-        raise SaxInputError(
+        raise InputRefused(
             f"the output would take {needed / 2**30:.1f} GiB ({x} x {y} x {(z - 1) * factor + 1} slices x {t} "
             f"phases, float32) but this machine has {available / 2**30:.1f} GiB of memory; use a smaller factor "
             f"or --memory-budget-mb (calid upsample-batch)"
@@ -204,20 +204,20 @@ def upsample_file(
     Returns (input stack, output stack, seconds)."""
     levels = bisection_levels(factor)
     if method not in METHODS:
-        raise SaxInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        raise InputRefused(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     refine, overwrite = as_flag(refine, "refine"), as_flag(overwrite, "overwrite")
     progress = as_flag(progress, "progress")
     samples = int(samples)
     if samples < 1:
-        raise SaxInputError(f"samples must be at least 1, got {samples}")
+        raise InputRefused(f"samples must be at least 1, got {samples}")
     if samples > 1 and method != "calid":
-        raise SaxInputError(f"--samples draws from the learned model: {method} interpolation has one answer")
+        raise InputRefused(f"--samples draws from the learned model: {method} interpolation has one answer")
     output_path = check_output_path(output_path, inputs=[input_path], overwrite=overwrite)
     if samples > 1:
         check_output_path(std_map_path(output_path), inputs=[input_path], overwrite=overwrite)
     if preview_path is not None:
         if Path(preview_path).exists() and not overwrite:
-            raise SaxInputError(f"{preview_path} exists; pass --overwrite to replace it")
+            raise InputRefused(f"{preview_path} exists; pass --overwrite to replace it")
         check_writable_folder(Path(preview_path).parent)
     check_model_options(num_inference_steps, chunk_size, precision)
     if method != "linear":

@@ -11,7 +11,7 @@ from test_upsample_contract import assert_contract
 
 from bundle.cli import main
 from bundle.inference import LearnedMidpoints, load_model
-from bundle.io import SaxInputError, SaxStack, read_sax, write_nifti
+from bundle.io import InputRefused, SaxStack, read_sax, write_nifti
 from bundle.motion import FlowMidpoints
 from bundle.transforms import SlicePreprocessor
 from bundle.upsample import bisect, std_map_path, upsample_file, upsample_stack
@@ -103,14 +103,14 @@ def test_seed_determinism_and_samples(small_stack, tmp_path, tiny_weights_2d):
 
 def test_missing_and_incompatible_weights(small_stack, tmp_path, tiny_weights_2d, capsys):
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    with pytest.raises(SaxInputError, match="missing model.pt, model.json"):
+    with pytest.raises(InputRefused, match="missing model.pt, model.json"):
         load_model(tmp_path / "nowhere")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_weights_2d, broken)
     info = json.loads((broken / "model.json").read_text())
     info["net"]["unet_channels"] = [16, 48]
     (broken / "model.json").write_text(json.dumps(info))
-    with pytest.raises(SaxInputError, match="model.pt does not fit the network"):
+    with pytest.raises(InputRefused, match="model.pt does not fit the network"):
         load_model(broken)
     with pytest.raises(SystemExit):
         main(
