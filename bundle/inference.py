@@ -296,8 +296,6 @@ class LearnedMidpoints:
         gaps, phases, x, y = left.shape
         if self.falls_back(level):
             self.fell_back.add(level)
-            if self.progress is not None:
-                self.progress.update(gaps if self.model.temporal else gaps * phases)
             return self.fallback(left, right, level, phase_offset=phase_offset)
         if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
             items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)

@@ -252,6 +252,8 @@ def upsample_file(
                 m2[..., p] = np.sqrt(m2[..., p] / len(predictors))
             m2[:, :, ::factor] = 0.0
             std = SaxStack(m2, dense.affine, dict(dense.meta))
+        for predictor in predictors:
+            predictor.close()  # the progress bar ends its line before anything is logged
         report = predictors[0].describe()
         dense.meta.update(report, seed=seed)
         for line in report.get("notes", ()):
@@ -264,8 +266,6 @@ def upsample_file(
             from .preview import save_preview
 
             save_preview(stack, dense, preview_path, phase=phase)
-    for predictor in predictors:
-        predictor.close()
     # a memory-mapped result stays readable after its file is removed (POSIX), until released
     return stack, dense, seconds
 
@@ -325,15 +325,20 @@ def _make_predictors(
     if refine and samples > 1:
         logger.warning("--refine starts every sample from the same inverted latents: the samples are identical")
     pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
-    per_gap = 1 if model.temporal else t
-    total = sum((z - 1) * 2**level * per_gap for level in range(levels)) * samples
-    bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress)
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
     fallback = FlowMidpoints(device=device)  # one for all samples: flow has one answer
-    return [
+    predictors = [
         LearnedMidpoints(
             model, pre, num_steps=steps or model.default_steps, refine=refine, seed=seed, sample=sample,
-            chunk_size=chunk_size, device=device, precision=precision, progress=bar, fallback=fallback,
+            chunk_size=chunk_size, device=device, precision=precision, fallback=fallback,
         )  # fmt: skip
         for sample in range(samples)
     ]
+    # the bar counts the slices the model generates; those filled by flow are told in the log
+    per_gap = 1 if model.temporal else t
+    modelled = [level for level in range(levels) if not predictors[0].falls_back(level)]
+    total = sum((z - 1) * 2**level * per_gap for level in modelled) * samples
+    bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress or not total)
+    for predictor in predictors:
+        predictor.progress = bar
+    return predictors

@@ -251,3 +251,18 @@ def test_constant_and_tiny_stacks_stay_within_the_neighbours_range(tmp_path, tin
             new = dense[:, :, 4 * k + 1 : 4 * k + 4]
             low, high = pair.min(axis=(0, 1, 2)), pair.max(axis=(0, 1, 2))
             assert (new >= low - 1e-4).all() and (new <= high + 1e-4).all()
+
+
+def test_the_progress_bar_counts_only_the_slices_the_model_generates(tmp_path, phantom_subject):
+    from conftest import write_tiny_weights
+
+    from bundle.upsample import _make_predictors
+
+    weights = write_tiny_weights(tmp_path / "w")
+    info = json.loads((weights / "model.json").read_text())
+    (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 6.0}))
+    stack = phantom_subject.sparse  # 8 mm: level 0 by the model, level 1 (4 mm) by flow
+    z, t = stack.shape[2:]
+    predictors = _make_predictors("calid", stack, 2, 1, False, 2, 0, "cpu", weights, None, "auto", False)
+    assert predictors[0].progress is predictors[1].progress
+    assert predictors[0].progress.total == (z - 1) * t * 2  # level 0 only, both samples
