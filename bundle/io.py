@@ -85,7 +85,15 @@ class SaxStack:
 
     @property
     def slice_spacing(self):
-        return float(np.linalg.norm(self.affine[:3, 2]))
+        """Distance between the slice planes (mm), along their normal: the slice step's length
+        when the slices are orthogonal to it, shorter when the affine is sheared."""
+        step = self.affine[:3, 2]
+        length = float(np.linalg.norm(step))
+        normal = np.cross(self.affine[:3, 0], self.affine[:3, 1])
+        if not np.linalg.norm(normal):
+            return length
+        along = float(abs(step @ normal) / np.linalg.norm(normal))
+        return length if abs(along - length) <= 1e-9 * length else along  # exact when not sheared
 
     def validate(self):
         """Refuse stacks no method can upsample; returns self."""
@@ -152,6 +160,10 @@ def read_nifti(path) -> SaxStack:
         "trigger_times": [i * dt for i in range(data.shape[3])],
         "descrip": _nifti_descrip(img.header),
     }
+    qform, qcode = img.get_qform(coded=True)
+    sform, scode = img.get_sform(coded=True)
+    if qcode and scode and not np.allclose(qform, sform, atol=1e-3):
+        warnings.warn(f"{path}: the qform and the sform disagree; using the sform (as nibabel and most tools do)")
     return SaxStack(np.asarray(data), img.affine, meta)
 
 
@@ -431,8 +443,10 @@ def write_nifti(stack: SaxStack, output, overwrite=False, inputs=(), dtype=np.fl
     if stack.meta.get("was_3d") and data.shape[3] == 1:
         data = data[..., 0]
     img = nib.Nifti1Image(data, stack.affine)
-    img.set_qform(stack.affine, code=1)
     img.set_sform(stack.affine, code=1)
+    img.set_qform(stack.affine, code=1)
+    if not np.allclose(img.get_qform(), stack.affine, atol=1e-4):
+        img.set_qform(None, code=0)  # a qform cannot hold a shear: leave the sform alone in charge
     img.header.set_xyzt_units("mm", "msec")
     times = stack.meta.get("trigger_times") or []
     if data.ndim == 4 and len(times) > 1:
