@@ -140,14 +140,16 @@ MAX_STEPS = 1000  # the noise schedule's training timesteps: DDIM cannot take mo
 
 def check_model_options(steps, chunk_size, precision):
     """Refuse learned-model options that would be silently changed or ignored."""
-    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS):
+    if steps is not None and not _whole_number_in(steps, 1, MAX_STEPS):
         raise InputRefused(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
-    if chunk_size is not None and not (
-        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
-    ):
+    if chunk_size is not None and not _whole_number_in(chunk_size, 1, float("inf")):
         raise InputRefused(f"chunk size must be a whole number of at least 1, got {chunk_size!r}")
     if precision not in PRECISIONS:
         raise InputRefused(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def _whole_number_in(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def check_output_size(shape, factor, samples=1, memory_budget_mb=None):
