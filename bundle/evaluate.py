@@ -277,6 +277,13 @@ def evaluate(
         "phantom": {},
         "labelled_stacks": {},
     }
+
+    def leave_one_out_predictors(stack):  # leave-one-out neighbours are two acquisitions apart
+        spacing = 2 * stack.slice_spacing
+        return make_predictors(
+            stack, model, steps, seed, device, fallback=fallback, spacing_mm=spacing, reference=reference
+        )
+
     segmenter = None
     if segment_train:
         segmenter, report["segmenter"] = _train_segmenter(segment_train, segment_iterations, seed, device, out_dir)
@@ -285,12 +292,8 @@ def evaluate(
         logger.info("leave-one-out on %s", study.name)
         stack = read_sax(_dicom_dir(study))
         centre = lv_centre_from_contours(study)
-        loo = 2 * stack.slice_spacing  # leave-one-out neighbours are two acquisitions apart
-        predictors = make_predictors(
-            stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
-        )
         report["real"][study.name], predictions = leave_one_out(
-            stack, predictors, centre, perceptual=perceptual, heart_mm=heart_mm
+            stack, leave_one_out_predictors(stack), centre, perceptual=perceptual, heart_mm=heart_mm
         )
         box = heart_box(stack, centre, heart_mm)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
@@ -314,12 +317,8 @@ def evaluate(
             continue
         logger.info("leave-one-out on %s", path.name)
         stack, centre = per_slice_normalised_stack(path)
-        loo = 2 * stack.slice_spacing
-        predictors = make_predictors(
-            stack, model, steps, seed, device, fallback=fallback, spacing_mm=loo, reference=reference
-        )
         report["labelled_stacks"][path.name[: -len(".nii.gz")]] = leave_one_out(
-            stack, predictors, centre, heart_mm=heart_mm
+            stack, leave_one_out_predictors(stack), centre, heart_mm=heart_mm
         )[0]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown(report))
@@ -404,9 +403,9 @@ def markdown(report):
             header.replace("study", "stacks"),
             rule,
         ]
-        names = list(next(iter(stacks.values())))
-        mean = {m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in stacks[next(iter(stacks))][m]}
-                for m in names}  # fmt: skip
+        first = next(iter(stacks.values()))
+        names = list(first)
+        mean = {m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in first[m]} for m in names}
         for method in names:
             lines.append(_row(len(stacks), method, mean[method], mean))
         wins = {m: sum(v[m]["psnr_heart"] > v["linear"]["psnr_heart"] for v in stacks.values()) for m in names}

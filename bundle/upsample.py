@@ -317,9 +317,12 @@ def _make_predictors(
 
     device = resolve_device(device)
     z, t = stack.shape[2], stack.shape[3]
+
+    def new_slices(bisected_levels, per_gap):  # what the predictors generate at those levels
+        return sum((z - 1) * 2**level * per_gap for level in bisected_levels)
+
     if method == "flow":
-        total = sum((z - 1) * 2**level * t for level in range(levels))
-        bar = tqdm(total=total, desc="flow midpoints", unit="slice", disable=not progress)
+        bar = tqdm(total=new_slices(range(levels), t), desc="flow midpoints", unit="slice", disable=not progress)
         return [FlowMidpoints(device=device, progress=bar)]
     from .transforms import SlicePreprocessor
 
@@ -339,7 +342,7 @@ def _make_predictors(
     # the bar counts the slices the model generates; those filled by flow are told in the log
     per_gap = 1 if model.temporal else t
     modelled = [level for level in range(levels) if not predictors[0].falls_back(level)]
-    total = sum((z - 1) * 2**level * per_gap for level in modelled) * samples
+    total = new_slices(modelled, per_gap) * samples
     bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress or not total)
     for predictor in predictors:
         predictor.progress = bar

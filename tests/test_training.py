@@ -26,6 +26,17 @@ def workflow(config_files, **override):
     return wf
 
 
+def diffusion_workflow(phantom_dir, autoencoder_dir, output_dir, **override):
+    """The diffusion stage on the phantom folder, from a trained autoencoder."""
+    return workflow(
+        [AE, LDM],
+        dataset_dir=str(phantom_dir),
+        output_dir=str(output_dir),
+        autoencoder_dir=str(autoencoder_dir),
+        **override,
+    )
+
+
 @pytest.fixture(scope="module")
 def trained_autoencoder(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ae")
@@ -45,13 +56,7 @@ def test_autoencoder_stage_one_epoch(trained_autoencoder):
 
 
 def test_diffusion_stage_one_epoch(phantom_dir, trained_autoencoder, tmp_path):
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(tmp_path),
-        autoencoder_dir=str(trained_autoencoder),
-        max_epochs=1,
-    )
+    wf = diffusion_workflow(phantom_dir, trained_autoencoder, tmp_path, max_epochs=1)
     wf.run()
     wf.finalize()
     import json
@@ -90,14 +95,7 @@ def test_autoencoder_overfits_a_fixed_batch(phantom_dir, tmp_path):
 
 
 def test_diffusion_overfits_a_fixed_batch(phantom_dir, trained_autoencoder, tmp_path):
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(tmp_path),
-        autoencoder_dir=str(trained_autoencoder),
-        lr=3e-3,
-        warmup_iterations=1,
-    )
+    wf = diffusion_workflow(phantom_dir, trained_autoencoder, tmp_path, lr=3e-3, warmup_iterations=1)
     losses = overfit_losses(wf, iterations=60)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
 
@@ -186,14 +184,7 @@ def test_two_d_plus_t_variant_by_config(phantom_dir, tmp_path):
     assert wf.parser.get_parsed_content("spatial_dims") == 3
     batch = next(iter(wf.parser.get_parsed_content("train_loader")))
     assert batch["image"].shape == (4, 1, 32, 32, 8)  # tiny: 32 x 32 pixels, 8 frames (3 phases, wrapped)
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(ldm_out),
-        autoencoder_dir=str(ae_out),
-        max_epochs=1,
-        temporal=True,
-    )
+    wf = diffusion_workflow(phantom_dir, ae_out, ldm_out, max_epochs=1, temporal=True)
     wf.run()
     assert (ldm_out / "diffusion.pt").is_file()
 
@@ -224,25 +215,12 @@ def test_perceptual_term_loads_local_alexnet_weights_and_falls_back(tmp_path, ca
 def test_residual_diffusion_stage(phantom_dir, trained_autoencoder, tmp_path):
     import json
 
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(tmp_path / "run"),
-        autoencoder_dir=str(trained_autoencoder),
-        prediction="residual",
-        lr=3e-3,
-        warmup_iterations=1,
+    wf = diffusion_workflow(
+        phantom_dir, trained_autoencoder, tmp_path / "run", prediction="residual", lr=3e-3, warmup_iterations=1
     )
     losses = overfit_losses(wf, iterations=40)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(tmp_path / "full"),
-        autoencoder_dir=str(trained_autoencoder),
-        prediction="residual",
-        max_epochs=1,
-    )
+    wf = diffusion_workflow(phantom_dir, trained_autoencoder, tmp_path / "full", prediction="residual", max_epochs=1)
     wf.run()
     info = json.loads((tmp_path / "full" / "diffusion.json").read_text())
     assert info["prediction"] == "residual"
@@ -269,11 +247,10 @@ def test_the_noise_schedule_travels_with_the_weights(phantom_dir, trained_autoen
     from bundle.sampling import make_noise_scheduler
     from bundle.transforms import SlicePreprocessor
 
-    wf = workflow(
-        [AE, LDM],
-        dataset_dir=str(phantom_dir),
-        output_dir=str(tmp_path),
-        autoencoder_dir=str(trained_autoencoder),
+    wf = diffusion_workflow(
+        phantom_dir,
+        trained_autoencoder,
+        tmp_path,
         max_epochs=1,
         **{"noise_schedule#beta_end": 0.02, "noise_schedule#num_train_timesteps": 500},
     )
