@@ -16,26 +16,12 @@ import time
 import traceback
 from pathlib import Path
 
-from .data import find_studies, load_datalist, study_name
-from .io import NIFTI_SUFFIXES, InputRefused, as_flag
+from .errors import InputRefused
+from .io import NIFTI_SUFFIXES
+from .options import as_flag
+from .studies import batch_inputs, study_name
 
 logger = logging.getLogger(__name__)
-DATALIST_KEYS = ("testing", "validation", "training")
-
-
-def batch_inputs(source, key=None):
-    """Studies to upsample: a folder (NIfTI files and DICOM folders; a phantom folder's truth
-    and label maps are left out) or a Decathlon-style datalist JSON (``key``, else the first
-    of testing / validation / training that it holds)."""
-    source = Path(source)
-    if source.is_file() and source.suffix == ".json":
-        if key is None:
-            content = json.loads(source.read_text())
-            key = next((k for k in DATALIST_KEYS if k in content), None)
-            if key is None:
-                raise InputRefused(f"{source} has none of the lists {', '.join(DATALIST_KEYS)}")
-        return sorted(load_datalist(source, key=key))
-    return sorted(find_studies(dataset_dir=source))
 
 
 def output_for(study, out_dir, factor) -> Path:
@@ -139,8 +125,8 @@ def check_batch_options(factor, options):
     """Refuse, before any study is touched, what would make every study fail."""
     import inspect
 
-    from .inference import check_weights
     from .upsample import DEFAULT_METHOD, METHODS, bisection_levels, upsample_file
+    from .weights import check_weights
 
     per_study = {"input_path", "output_path", "factor", "preview_path", "phase", "series_uid", "progress"}
     allowed = set(inspect.signature(upsample_file).parameters) - per_study

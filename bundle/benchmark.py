@@ -6,9 +6,10 @@ import time
 
 import torch
 
-from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, PerceptualTerm, make_ema
-from .inference import resolve_device
-from .io import InputRefused
+from .devices import resolve_device
+from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, make_ema
+from .errors import InputRefused
+from .losses import PerceptualTerm
 from .networks import build_discriminator, build_networks, count_parameters, preset
 from .sampling import make_noise_scheduler
 
@@ -81,12 +82,11 @@ def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=Fals
 
 def _random_model(preset_name, temporal, device):
     """A CaLIDModel with random weights: speed and memory do not depend on the values."""
-    from .inference import CaLIDModel
+    from .networks import CaLIDNetwork
+    from .weights import CaLIDModel, ModelInfo
 
-    net = preset(preset_name)
-    dims = 3 if temporal else 2
-    vae, denoiser = build_networks(dims, net)
-    return CaLIDModel(vae.to(device).eval(), denoiser.to(device).eval(), 1.0, dims, net, None, f"random {preset_name}")
+    info = ModelInfo("model", 3 if temporal else 2, preset(preset_name), preset=preset_name, latent_scale=1.0)
+    return CaLIDModel(CaLIDNetwork.from_info(info).to(device).eval(), info, f"random {preset_name}")
 
 
 def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision, method="calid"):
@@ -94,10 +94,10 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
     ``chunk_size`` 1 means one pair per solve; otherwise the default memory budget decides."""
     import resource
 
-    from .inference import LearnedMidpoints, load_model
+    from .inference import LearnedMidpoints
     from .motion import FlowMidpoints
-    from .transforms import SlicePreprocessor
     from .upsample import upsample_stack
+    from .weights import load_model
 
     device = resolve_device(device_name)
     if method == "flow":
@@ -105,7 +105,7 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
     else:
         weights, preset_name, temporal = model_spec
         model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)
-        pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        pre = model.preprocessor(stack)
         predictor = LearnedMidpoints(
             model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision, fallback=False
         )

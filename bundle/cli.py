@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputRefused, as_flag, check_output_path, read_sax, write_nifti
+from .errors import InputRefused
+from .io import check_output_path, read_sax, write_nifti
+from .options import as_flag
 
 logger = logging.getLogger("calid")
 

@@ -1,4 +1,4 @@
-"""Training data: study discovery, patient-level split, neighbour-triplet datasets.
+"""Training data: studies read into volumes, neighbour-triplet MONAI datasets (2D, 2D+T).
 
 A *triplet* is (s(n - g), s(n), s(n + g)): the network sees the two neighbours and learns the
 middle slice. Items are enumerated (study, slice, phase, gap) records, so a MONAI
@@ -6,9 +6,6 @@ middle slice. Items are enumerated (study, slice, phase, gap) records, so a MONA
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,82 +20,9 @@ from monai.transforms import (
     Transform,
 )
 
-from .io import NIFTI_SUFFIXES, InputRefused, dicom_candidates, read_sax
-from .phantom import COMPANION_SUFFIXES
-from .transforms import IntensityScaler, model_grid_size, resample_inplane
-
-
-def _is_companion(path: Path):
-    stem = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return stem.endswith(COMPANION_SUFFIXES)
-
-
-def list_studies(dataset_dir) -> list[Path]:
-    """Studies in a folder: every NIfTI file (dense truth and label companions excluded, by
-    their ``_truth``/``_labels`` names) and every sub-folder holding DICOM files."""
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise InputRefused(f"dataset_dir {root} is not a folder")
-    studies = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and entry.name.endswith(NIFTI_SUFFIXES) and not _is_companion(entry):
-            studies.append(entry)
-        elif entry.is_dir() and dicom_candidates(entry):
-            studies.append(entry)
-    if not studies:
-        raise InputRefused(f"no studies (NIfTI files or DICOM folders) in {root}")
-    return studies
-
-
-def load_datalist(datalist_json, key="training") -> list[Path]:
-    """Studies of a Decathlon-style datalist: ``{"training": [{"image": path}, ...]}``,
-    paths relative to the JSON file."""
-    datalist_json = Path(datalist_json)
-    content = json.loads(datalist_json.read_text())
-    if key not in content:
-        raise InputRefused(f"{datalist_json} has no '{key}' list (keys: {', '.join(content)})")
-    entries = content[key]
-    return [(datalist_json.parent / (e["image"] if isinstance(e, dict) else e)).resolve() for e in entries]
-
-
-def find_studies(dataset_dir=None, datalist=None, key="training") -> list[Path]:
-    """Studies from a Decathlon-style datalist if given, else from a folder."""
-    if datalist:
-        return load_datalist(datalist, key=key)
-    if not dataset_dir:
-        raise InputRefused("set dataset_dir (a folder of studies) or datalist (a Decathlon-style JSON)")
-    return list_studies(dataset_dir)
-
-
-def study_name(path) -> str:
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def split_studies(studies, val_names=None, val_fraction=0.25, seed=0):
-    """Patient-level split: every triplet of a study lands on one side. ``val_names`` (study
-    names) wins over a seeded random ``val_fraction``."""
-    studies = list(studies)
-    if val_names:
-        val_names = set(val_names)
-        missing = val_names - {study_name(s) for s in studies}
-        if missing:
-            raise InputRefused(f"validation studies not found: {sorted(missing)}")
-        val = [s for s in studies if study_name(s) in val_names]
-    else:
-        n_val = max(1, int(round(len(studies) * val_fraction))) if len(studies) > 1 else 0
-        order = np.random.default_rng(seed).permutation(len(studies))
-        val = [studies[i] for i in sorted(order[:n_val])]
-    train = [s for s in studies if s not in val]
-    return train, val
+from .errors import InputRefused
+from .io import read_sax
+from .transforms import IntensityScaler, cyclic_frames, model_grid_size, resample_inplane
 
 
 def load_volumes(studies, model_spacing=None):
@@ -125,15 +49,6 @@ def triplet_records(volumes, spacings, gaps=(1,), temporal=False):
                 for phase in [None] if temporal else range(t):
                     records.append({"study": v, "slice": n, "phase": phase, "gap": gap, "gap_mm": gap * spacing})
     return records
-
-
-def cyclic_frames(cine: torch.Tensor, num_frames: int | None) -> torch.Tensor:
-    """Cine (..., T) to (..., num_frames): a cardiac cycle is periodic, so pad by wrapping
-    around it, or keep the first ``num_frames``."""
-    if num_frames is None or cine.shape[-1] == num_frames:
-        return cine
-    index = torch.arange(num_frames, device=cine.device) % cine.shape[-1]
-    return cine.index_select(-1, index)
 
 
 class ExtractTripletd(Transform):
@@ -209,18 +124,3 @@ def validation_triplets(volumes, spacings, temporal=False, spatial_size=None, nu
     )
     count = min(len(full), int(max_triplets))
     return Subset(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist())
-
-
-__all__ = [
-    "ExtractTripletd",
-    "RandSwapNeighboursd",
-    "find_studies",
-    "list_studies",
-    "load_datalist",
-    "load_volumes",
-    "split_studies",
-    "study_name",
-    "triplet_dataset",
-    "triplet_records",
-    "validation_triplets",
-]

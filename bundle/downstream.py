@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import SaxStack
+from .stack import SaxStack
 from .transforms import IntensityScaler
 
 logger = logging.getLogger(__name__)

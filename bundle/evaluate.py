@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import InputRefused, as_flag, read_sax
+from .errors import InputRefused
+from .io import read_sax
 from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
+from .options import as_flag
+from .reports import report_markdown
 from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
 
@@ -185,9 +188,8 @@ def make_predictors(
         predictors["tvl1"] = TVL1Reference()
     if model is not None:
         from .inference import LearnedMidpoints
-        from .transforms import SlicePreprocessor
 
-        pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        pre = model.preprocessor(stack)
         common = dict(
             seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False, spacing_mm=spacing_mm
         )
@@ -248,11 +250,11 @@ def evaluate(
 ):
     """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
     ``out_dir``; returns the report. See the module docstring for the protocol."""
-    from .data import list_studies, study_name
-    from .inference import load_model
     from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
     from .preview import save_evaluation_figure
+    from .studies import list_studies, study_name
+    from .weights import load_model
 
     overwrite, fallback = as_flag(overwrite, "overwrite"), as_flag(fallback, "fallback")
     perceptual, reference = as_flag(perceptual, "perceptual"), as_flag(reference, "reference")
@@ -321,7 +323,7 @@ def evaluate(
             stack, leave_one_out_predictors(stack), centre, heart_mm=heart_mm
         )[0]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(markdown(report))
+    (out_dir / "report.md").write_text(report_markdown(report))
     return report
 
 
@@ -341,94 +343,3 @@ def per_slice_normalised_stack(path):
         lv = np.argwhere(read_sax(labels_path).array[..., 0] > 0)
         centre = tuple(lv[:, :2].mean(0)) if len(lv) else None
     return stack, centre
-
-
-def markdown(report):
-    trained = report.get("trained_on") or []
-    lines = [
-        "# Evaluation against linear interpolation and flow midpoints",
-        "",
-        f"DDIM steps: {report['steps']}; weights: {report['weights']}; trained on: {', '.join(trained) or 'unknown'}",
-        f"CaLID falls back to flow between neighbours closer than: {report.get('fallback_below_mm') or 'never'} mm",
-        "",
-        "Intensities scaled by each study's 0.5-99.5 percentile range to [0, 1]; heart region: a "
-        f"{report.get('heart_mm', HEART_MM):.0f} mm square around the LV centre. LPIPS and rFID on the whole slice.",
-    ]
-    lines += [f"- {metric} skipped: {why}" for metric, why in report.get("skipped", {}).items()]
-    header = (
-        "| study | method | PSNR | SSIM | PSNR heart | SSIM heart | gain heart (dB) | gain SSIM heart "
-        "| gain heart over flow (dB) |"
-    )
-    rule = "|---|---|---|---|---|---|---|---|---|"
-    if report["real"]:
-        lines += ["", "## Real studies, leave-one-out (neighbours two acquisitions apart), all phases", ""]
-        lines += [header + " LPIPS | rFID | s/slice |", rule + "---|---|---|"]
-        for study, methods in report["real"].items():
-            label = f"{study} ({'in-sample' if study in trained else 'held out'})" if trained else study
-            for method, s in methods.items():
-                extra = [_fmt(s.get("lpips"), 4), _fmt(s.get("rfid"), 1), _fmt(s.get("seconds_per_slice"), 3)]
-                lines.append(_row(label, method, s, methods) + " " + " | ".join(extra) + " |")
-    for study, sweep in report.get("sweep", {}).items():
-        lines += ["", f"## DDIM steps, {study} (phases {report.get('sweep_phases')})", ""]
-        lines += ["| method | steps | PSNR heart | SSIM heart | s/slice |", "|---|---|---|---|---|"]
-        for method, by_steps in sweep.items():
-            for steps, s in by_steps.items():
-                lines.append(
-                    f"| {method} | {steps} | {s['psnr_heart']:.2f} | {s['ssim_heart']:.4f} | "
-                    f"{s['seconds_per_slice']:.3f} |"
-                )
-    for study, methods in report.get("downstream", {}).items():
-        if not methods:
-            continue
-        seg = report.get("segmenter", {})
-        lines += [
-            "",
-            f"## Downstream segmentation, {study} (U-Net trained on {', '.join(seg.get('studies', []))}, "
-            f"{seg.get('slices')} slices, {seg.get('iterations')} iterations)",
-            "",
-            "| segmented slice | class | Dice | ASD (mm) | slices | no surface |",
-            "|---|---|---|---|---|---|",
-        ]
-        for method, classes in methods.items():
-            for cname, c in classes.items():
-                lines.append(
-                    f"| {method} | {cname} | {_fmt(c['dice'], 3)} | {_fmt(c['asd_mm'], 2)} | {c['n']} | {c['failed']} |"
-                )
-    if report.get("labelled_stacks"):
-        stacks = report["labelled_stacks"]
-        lines += [
-            "",
-            f"## Labelled stacks (each slice normalised on its own), leave-one-out: mean over {len(stacks)} stacks",
-            "",
-            header.replace("study", "stacks"),
-            rule,
-        ]
-        first = next(iter(stacks.values()))
-        names = list(first)
-        mean = {m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in first[m]} for m in names}
-        for method in names:
-            lines.append(_row(len(stacks), method, mean[method], mean))
-        wins = {m: sum(v[m]["psnr_heart"] > v["linear"]["psnr_heart"] for v in stacks.values()) for m in names}
-        lines += ["", "Stacks where the method beats linear in the heart region: " + ", ".join(
-            f"{m} {wins[m]}/{len(stacks)}" for m in names if m != "linear")]  # fmt: skip
-    for name, methods in report["phantom"].items():
-        lines += ["", f"## Phantom {name}, x4 against the dense truth", "", header.replace("study", "level"), rule]
-        for level in methods["linear"]:
-            for method in methods:
-                lines.append(_row(level, method, methods[method][level], {k: v[level] for k, v in methods.items()}))
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value, digits):
-    return "skipped" if value is None else f"{value:.{digits}f}"
-
-
-def _row(label, method, s, all_methods):
-    """One table row; gains over linear and over flow (when the report has flow)."""
-    base, flow = all_methods["linear"], all_methods.get("flow")
-    over_flow = "" if flow is None else f"{s['psnr_heart'] - flow['psnr_heart']:+.2f}"
-    return (
-        f"| {label} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['psnr_heart']:.2f} | "
-        f"{s['ssim_heart']:.4f} | {s['psnr_heart'] - base['psnr_heart']:+.2f} | "
-        f"{s['ssim_heart'] - base['ssim_heart']:+.4f} | {over_flow} |"
-    )

@@ -15,6 +15,8 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
+from .sampling import DEFAULT_PREDICTION, SliceSampler, make_noise_scheduler
+
 PRESETS = {
     # seconds on a CPU: for tests
     "tiny": {
@@ -188,8 +190,7 @@ class CaLIDNetwork(nn.Module):
     scale, prediction, noise schedule). ``forward`` predicts middle slices from neighbours
     (N, 2, H, W[, T])."""
 
-    def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction="residual", noise_schedule=None):
-        from .sampling import make_noise_scheduler
+    def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction=DEFAULT_PREDICTION, noise_schedule=None):
 
         super().__init__()
         self.autoencoder, self.denoiser = build_networks(spatial_dims, net)
@@ -200,23 +201,10 @@ class CaLIDNetwork(nn.Module):
 
     @classmethod
     def from_info(cls, info):
-        """From ``model.json`` (a path) or its contents (a dict)."""
-        if not isinstance(info, dict):
-            import json
-            from pathlib import Path
-
-            info = json.loads(Path(info).read_text())
-        return cls(
-            info["spatial_dims"],
-            info["net"],
-            info["latent_scale"],
-            info.get("prediction", "epsilon"),
-            info.get("noise_schedule"),
-        )
+        """From a :class:`bundle.weights.ModelInfo` (what ``model.json`` records)."""
+        return cls(info.spatial_dims, info.net, info.latent_scale, info.prediction, info.noise_schedule)
 
     def sampler(self, num_steps=1):
-        from .sampling import SliceSampler
-
         return SliceSampler(
             self.autoencoder,
             self.denoiser,

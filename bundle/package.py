@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 from . import BUNDLE_ROOT
-from .io import InputRefused, atomic_write
+from .errors import InputRefused
+from .io import atomic_write
 
 BUNDLE_NAME = "calid_cmr_interpolation"
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")

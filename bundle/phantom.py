@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .io import SaxStack, write_nifti
+from .io import write_nifti
+from .stack import SaxStack
 
 LABELS = {"background": 0, "lv_cavity": 1, "lv_myocardium": 2, "rv_cavity": 3}
 TRUTH_SUFFIX = "_truth"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import SaxStack
+from .stack import SaxStack
 
 
 def _to_uint8(image, low, high):

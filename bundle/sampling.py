@@ -97,6 +97,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5, eps: float = 1e-
 
 
 PREDICTIONS = ("epsilon", "residual")
+DEFAULT_PREDICTION = "residual"  # the shipped formulation: a correction that starts at zero
+# DDIM cannot take more steps than the schedule has timesteps (a longer schedule records its own)
+MAX_STEPS = NUM_TRAIN_TIMESTEPS
 
 
 class SliceSampler:
@@ -113,13 +116,15 @@ class SliceSampler:
     VAE makes on both cancel; a zero-initialised output gives linear interpolation exactly).
     """
 
-    def __init__(self, autoencoder, denoiser, scale_factor, num_steps=8, alphas_cumprod=None, prediction="epsilon"):
+    def __init__(
+        self, autoencoder, denoiser, latent_scale, num_steps=8, alphas_cumprod=None, prediction=DEFAULT_PREDICTION
+    ):
         """``alphas_cumprod``: the training schedule's (default: :data:`DEFAULT_NOISE_SCHEDULE`'s)."""
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.autoencoder = autoencoder
         self.denoiser = denoiser
-        self.scale_factor = float(scale_factor)
+        self.latent_scale = float(latent_scale)
         self.prediction = prediction
         if alphas_cumprod is None:
             alphas_cumprod = make_noise_scheduler().alphas_cumprod
@@ -134,10 +139,10 @@ class SliceSampler:
         return eps
 
     def encode(self, images):
-        return self.autoencoder.encode(images)[0] * self.scale_factor
+        return self.autoencoder.encode(images)[0] * self.latent_scale
 
     def decode(self, latents):
-        return self.autoencoder.decode(latents / self.scale_factor)
+        return self.autoencoder.decode(latents / self.latent_scale)
 
     def latent_shape(self, neighbours):
         f = self.denoiser.vae_factor

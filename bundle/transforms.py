@@ -123,3 +123,12 @@ class SlicePreprocessor:
     def inverse(self, images: torch.Tensor):
         out = resample_inplane(crop_box(images, padding_box(self.model_size, self.multiple)), self.input_size)
         return self.scaler.inverse(out)
+
+
+def cyclic_frames(cine: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+    """Cine (..., T) to (..., num_frames): a cardiac cycle is periodic, so pad by wrapping
+    around it, or keep the first ``num_frames``."""
+    if num_frames is None or cine.shape[-1] == num_frames:
+        return cine
+    index = torch.arange(num_frames, device=cine.device) % cine.shape[-1]
+    return cine.index_select(-1, index)

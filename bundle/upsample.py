@@ -31,7 +31,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import InputRefused, SaxStack, as_flag, check_output_path, check_writable_folder, read_sax, write_nifti
+from .errors import InputRefused
+from .io import check_output_path, check_writable_folder, read_sax, write_nifti
+from .options import as_flag
+from .stack import SaxStack
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ def upsample_file(
         check_writable_folder(Path(preview_path).parent)
     check_model_options(num_inference_steps, chunk_size, precision)
     if method != "linear":
-        from .inference import resolve_device
+        from .devices import resolve_device
 
         device = resolve_device(device)
     start = time.perf_counter()
@@ -312,8 +315,10 @@ def _make_predictors(
         return [linear_midpoints]
     from tqdm.auto import tqdm
 
-    from .inference import LearnedMidpoints, load_model, resolve_device
+    from .devices import resolve_device
+    from .inference import LearnedMidpoints
     from .motion import FlowMidpoints
+    from .weights import load_model
 
     device = resolve_device(device)
     z, t = stack.shape[2], stack.shape[3]
@@ -324,17 +329,16 @@ def _make_predictors(
     if method == "flow":
         bar = tqdm(total=new_slices(range(levels), t), desc="flow midpoints", unit="slice", disable=not progress)
         return [FlowMidpoints(device=device, progress=bar)]
-    from .transforms import SlicePreprocessor
 
     model = load_model(weights_dir, device=device)
     if refine and samples > 1:
         logger.warning("--refine starts every sample from the same inverted latents: the samples are identical")
-    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+    pre = model.preprocessor(stack)
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
     fallback = FlowMidpoints(device=device)  # one for all samples: flow has one answer
     predictors = [
         LearnedMidpoints(
-            model, pre, num_steps=steps or model.default_steps, refine=refine, seed=seed, sample=sample,
+            model, pre, num_steps=steps or model.info.steps, refine=refine, seed=seed, sample=sample,
             chunk_size=chunk_size, device=device, precision=precision, fallback=fallback,
         )  # fmt: skip
         for sample in range(samples)

@@ -45,9 +45,8 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", per
 
     import torch
 
-    from bundle.engines import save_weights
-    from bundle.inference import export_model
     from bundle.networks import build_networks, preset
+    from bundle.weights import ModelInfo, export_model, save_weights
 
     torch.manual_seed(seed)
     net = preset("tiny")
@@ -56,11 +55,14 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", per
         for p in denoiser.parameters():
             if perturb and p.dim() > 1 and torch.count_nonzero(p) == 0:
                 p.normal_(std=0.05)
-    info = {"preset": "tiny", "spatial_dims": spatial_dims, "net": net}
+    info = ModelInfo("autoencoder", spatial_dims, net, preset="tiny")
     with tempfile.TemporaryDirectory() as run:
-        save_weights(vae, Path(run) / "autoencoder.pt", {"stage": "autoencoder", **info})
-        extra = {"stage": "diffusion", "latent_scale": 1.5, "prediction": prediction, **info}
-        save_weights(denoiser, Path(run) / "diffusion.pt", extra)
+        save_weights(vae, Path(run) / "autoencoder.pt", info)
+        save_weights(
+            denoiser,
+            Path(run) / "diffusion.pt",
+            info.updated(stage="diffusion", latent_scale=1.5, prediction=prediction),
+        )
         return export_model(Path(run) / "autoencoder.pt", Path(run) / "diffusion.pt", folder, half=False)
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from bundle.batch import batch_inputs, distributed_batch
+from bundle.batch import distributed_batch
 from bundle.cli import main
+from bundle.studies import batch_inputs
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.data import list_studies, load_datalist, load_volumes, split_studies, study_name, triplet_dataset
+from bundle.data import load_volumes, triplet_dataset
+from bundle.studies import list_studies, load_datalist, split_studies, study_name
 
 
 def index_volume(z=7, t=3, x=6, y=5):

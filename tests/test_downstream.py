@@ -47,7 +47,7 @@ def test_segmenter_learns_the_phantom_ventricle():
 
 
 def test_scores_of_a_perfect_segmentation():
-    from bundle.io import SaxStack
+    from bundle.stack import SaxStack
 
     label = np.zeros((32, 32), np.uint8)
     label[8:24, 8:24] = 2

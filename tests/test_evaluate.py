@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bundle.evaluate import evaluate, heart_box, leave_one_out, phantom_per_level
-from bundle.io import SaxStack
+from bundle.stack import SaxStack
 from bundle.upsample import linear_midpoints
 
 
@@ -120,7 +120,7 @@ def test_leave_one_out_predictors_know_their_neighbours_are_two_slices_apart(pha
     from conftest import write_tiny_weights
 
     from bundle.evaluate import make_predictors
-    from bundle.inference import load_model
+    from bundle.weights import load_model
 
     model = load_model(write_tiny_weights(tmp_path / "w"))
     stack = phantom_subject.sparse  # 8 mm

@@ -10,11 +10,14 @@ import torch
 from test_upsample_contract import assert_contract
 
 from bundle.cli import main
-from bundle.inference import LearnedMidpoints, load_model
-from bundle.io import InputRefused, SaxStack, read_sax, write_nifti
+from bundle.errors import InputRefused
+from bundle.inference import LearnedMidpoints
+from bundle.io import read_sax, write_nifti
 from bundle.motion import FlowMidpoints
+from bundle.stack import SaxStack
 from bundle.transforms import SlicePreprocessor
 from bundle.upsample import bisect, std_map_path, upsample_file, upsample_stack
+from bundle.weights import load_model
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def small_stack(phantom_subject):
 
 def predictor(weights, stack, chunk_size, seed=0, refine=False, steps=2):
     model = load_model(weights)
-    pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+    pre = model.preprocessor(stack)
     return LearnedMidpoints(model, pre, num_steps=steps, refine=refine, seed=seed, chunk_size=chunk_size)
 
 
@@ -180,7 +183,7 @@ def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weight
 
     write_nifti(small_stack, tmp_path / "in.nii.gz")
     model = load_model(tiny_weights_2d)
-    pre = SlicePreprocessor.for_stack(small_stack, model.model_spacing, model.size_multiple)
+    pre = model.preprocessor(small_stack)
     draws = [
         upsample_stack(small_stack, 2, LearnedMidpoints(model, pre, num_steps=2, seed=5, sample=i)).array
         for i in range(3)
@@ -243,7 +246,7 @@ def test_constant_and_tiny_stacks_stay_within_the_neighbours_range(tmp_path, tin
     for array in (np.full((16, 16, 3, 2), value), rng.random((8, 8, 3, 2)) * 100 + value):
         stack = SaxStack(array, np.diag([1.5, 1.5, 8.0, 1.0]))
         model = load_model(tiny_weights_2d)
-        pre = SlicePreprocessor.for_stack(stack, model.model_spacing, model.size_multiple)
+        pre = model.preprocessor(stack)
         dense = upsample_stack(stack, 4, LearnedMidpoints(model, pre, num_steps=2)).array
         assert np.isfinite(dense).all()
         for k in range(2):  # every new slice within the range of the acquired slices around it

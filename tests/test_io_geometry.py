@@ -8,7 +8,9 @@ import pydicom
 import pytest
 from dicom_factory import code, rotation, write_series
 
-from bundle.io import LPS_TO_RAS, read_sax, voxel_to_world, write_nifti
+from bundle.dicom import LPS_TO_RAS
+from bundle.io import read_sax, write_nifti
+from bundle.stack import voxel_to_world
 
 
 def lps_world(stack, i, j, k):

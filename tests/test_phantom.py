@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 
 from bundle.cli import main
-from bundle.data import list_studies
 from bundle.phantom import LABELS, make_subject
+from bundle.studies import list_studies
 
 
 def test_seeded_and_distinct():

@@ -169,7 +169,7 @@ def test_flag_values_that_are_neither_true_nor_false_are_refused(tmp_path, capsy
 def test_bundle_override_false_is_false(tmp_path):
     from monai.bundle import ConfigWorkflow
 
-    from bundle.io import as_flag
+    from bundle.options import as_flag
 
     assert [as_flag(v, "x") for v in ("true", "YES", "1", 1, True, "off", "0", 0, False)] == [True] * 5 + [False] * 4
     path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))

@@ -77,12 +77,11 @@ def test_invert_then_sample_reconstructs():
 
 
 def test_refine_path_runs_and_is_deterministic(tiny_weights_2d):
-    from bundle.inference import load_model
-    from bundle.sampling import SliceSampler
+    from bundle.weights import load_model
 
     model = load_model(tiny_weights_2d)
     neighbours = torch.rand(2, 2, 32, 32, generator=torch.Generator().manual_seed(0))
-    sampler = SliceSampler(model.autoencoder, model.denoiser, model.latent_scale, num_steps=3)
+    sampler = model.sampler(3)
     a = sampler(neighbours, refine=True)
     b = sampler(neighbours, refine=True)
     assert a.shape == (2, 1, 32, 32) and torch.isfinite(a).all()
@@ -115,7 +114,7 @@ def test_residual_prediction_starts_exactly_at_linear(refine):
     sampler = SliceSampler(vae.eval(), denoiser.eval(), 1.3, num_steps=4, prediction="residual")
     out = sampler(neighbours, refine=refine, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, neighbours.mean(1, keepdim=True), rtol=0, atol=1e-6)
-    epsilon_model = SliceSampler(vae.eval(), denoiser.eval(), 1.3, num_steps=4)
+    epsilon_model = SliceSampler(vae.eval(), denoiser.eval(), 1.3, num_steps=4, prediction="epsilon")
     assert (epsilon_model(neighbours) - neighbours.mean(1, keepdim=True)).abs().max() > 0.1  # not so for epsilon
 
 

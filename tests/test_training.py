@@ -1,5 +1,6 @@
 """Both training stages through the real config files and monai.bundle, tiny preset, CPU."""
 
+import json
 import os
 import signal
 import subprocess
@@ -121,7 +122,7 @@ def test_kill_and_resume(phantom_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    from bundle.engines import latest_checkpoint, resume_latest
+    from bundle.handlers import latest_checkpoint, resume_latest
 
     path = latest_checkpoint(out / "checkpoints")
     saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -194,7 +195,7 @@ def test_perceptual_term_loads_local_alexnet_weights_and_falls_back(tmp_path, ca
     can be downloaded), and the offline fallback, which says so in the log."""
     import torchvision
 
-    from bundle.engines import PerceptualTerm
+    from bundle.losses import PerceptualTerm
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty hub cache
     weights = tmp_path / "alexnet.pth"
@@ -229,7 +230,7 @@ def test_residual_diffusion_stage(phantom_dir, trained_autoencoder, tmp_path):
 def test_validation_without_validation_studies_is_skipped(tmp_path, caplog):
     from ignite.engine import Engine
 
-    from bundle.engines import InterpolationValidator
+    from bundle.handlers import InterpolationValidator
 
     validator = InterpolationValidator([], predictor=None, output_dir=tmp_path)
     engine = Engine(lambda e, b: None)
@@ -243,9 +244,10 @@ def test_the_noise_schedule_travels_with_the_weights(phantom_dir, trained_autoen
     sample with the schedule it was trained with."""
     import json
 
-    from bundle.inference import LearnedMidpoints, load_model
+    from bundle.inference import LearnedMidpoints
     from bundle.sampling import make_noise_scheduler
     from bundle.transforms import SlicePreprocessor
+    from bundle.weights import load_model
 
     wf = diffusion_workflow(
         phantom_dir,
@@ -260,7 +262,7 @@ def test_the_noise_schedule_travels_with_the_weights(phantom_dir, trained_autoen
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["noise_schedule"]["beta_end"] == 0.02 and info["noise_schedule"]["num_train_timesteps"] == 500
     model = load_model(tmp_path / "model")
-    torch.testing.assert_close(model.alphas_cumprod, trained)
+    torch.testing.assert_close(model.network.alphas_cumprod, trained)
     from bundle.phantom import make_subject
 
     stack = make_subject(seed=0, size=32, num_slices=3, num_phases=1).sparse  # only the schedule matters here
@@ -277,8 +279,8 @@ def test_shipped_weights_record_their_schedule_and_sample_as_before():
     import shutil
     import tempfile
 
-    from bundle.inference import load_model
     from bundle.sampling import DEFAULT_NOISE_SCHEDULE, make_noise_scheduler
+    from bundle.weights import load_model
 
     info = json.loads((ROOT / "models" / "model.json").read_text())
     assert info["noise_schedule"] == DEFAULT_NOISE_SCHEDULE
@@ -286,5 +288,36 @@ def test_shipped_weights_record_their_schedule_and_sample_as_before():
         shutil.copy(ROOT / "models" / "model.pt", folder)
         legacy = {k: v for k, v in info.items() if k != "noise_schedule"}
         (Path(folder) / "model.json").write_text(json.dumps(legacy))
-        torch.testing.assert_close(load_model(folder).alphas_cumprod, load_model(ROOT / "models").alphas_cumprod)
-    torch.testing.assert_close(load_model(ROOT / "models").alphas_cumprod, make_noise_scheduler().alphas_cumprod)
+        torch.testing.assert_close(
+            load_model(folder).network.alphas_cumprod, load_model(ROOT / "models").network.alphas_cumprod
+        )
+    torch.testing.assert_close(
+        load_model(ROOT / "models").network.alphas_cumprod, make_noise_scheduler().alphas_cumprod
+    )
+
+
+def test_model_info_owns_model_json(tmp_path):
+    """The shipped models/model.json is what ModelInfo writes (nothing lost, nothing added);
+    one set of defaults; bad records are refused naming the file."""
+    from bundle.errors import InputRefused
+    from bundle.sampling import DEFAULT_NOISE_SCHEDULE
+    from bundle.weights import ModelInfo
+
+    shipped = ROOT / "models" / "model.json"
+    info = ModelInfo.read(shipped)
+    assert info.write(tmp_path / "model.json").read_text() == shipped.read_text()
+    assert info.extra == {k: v for k, v in json.loads(shipped.read_text()).items() if k in ("validation", "recipe")}
+    minimal = ModelInfo.from_dict({"spatial_dims": 2, "net": info.net})
+    assert (minimal.stage, minimal.prediction, minimal.steps) == ("model", "residual", 8)
+    assert minimal.noise_schedule == DEFAULT_NOISE_SCHEDULE and minimal.fallback_below_mm is None
+    for bad, message in [
+        ({"spatial_dims": 4, "net": {}}, "spatial_dims must be 2 or 3"),
+        ({"spatial_dims": 2, "net": {}, "prediction": "velocity"}, "prediction must be one of"),
+        ({"spatial_dims": 2, "net": {}, "steps": 0}, "steps must be a whole number"),
+        ({"spatial_dims": 2, "net": {}, "noise_schedule": {"schedule": "nonsense"}}, "cannot be built"),
+        ({"spatial_dims": 2, "net": {}, "fallback_below_mm": -1}, "fallback_below_mm must be a positive"),
+        ({"net": {}}, "lacks spatial_dims"),
+    ]:
+        with pytest.raises(InputRefused, match=message):
+            ModelInfo.from_dict(bad, source="x/model.json")
+    assert info.falls_back(15.0) and not info.falls_back(15.9999) and not info.falls_back(16.0)

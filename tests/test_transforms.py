@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.io import SaxStack
+from bundle.stack import SaxStack
 from bundle.transforms import IntensityScaler, SlicePreprocessor, center_crop_or_pad, crop_box, pad_to_multiple
 
 

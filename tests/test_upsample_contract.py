@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from bundle.cli import main
-from bundle.io import read_sax, voxel_to_world
+from bundle.io import read_sax
+from bundle.stack import voxel_to_world
 from bundle.upsample import bisect, linear_midpoints, upsample_stack
 
 

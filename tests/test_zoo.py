@@ -28,7 +28,7 @@ def test_metadata_data_formats_match_the_networks():
     describes what the shipped networks really take and return."""
     import jsonschema
 
-    from bundle.inference import load_model
+    from bundle.weights import load_model
 
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     if SCHEMA.exists():
@@ -42,12 +42,12 @@ def test_metadata_data_formats_match_the_networks():
     ae, ldm = meta["autoencoder_data_format"], meta["diffusion_data_format"]
     with torch.no_grad():
         image = torch.rand(1, ae["inputs"]["image"]["num_channels"], size, size)
-        recon, mu, _ = model.autoencoder(image)
+        recon, mu, _ = model.network.autoencoder(image)
         assert recon.shape[1] == ae["outputs"]["reconstruction"]["num_channels"] and recon.shape[2:] == image.shape[2:]
         assert mu.shape[1] == ae["outputs"]["latent"]["num_channels"] and mu.shape[2] == size // 4
         neighbours = torch.rand(1, ldm["inputs"]["neighbours"]["num_channels"], size, size)
         latent = torch.randn(1, ldm["inputs"]["latent"]["num_channels"], size // 4, size // 4)
-        out = model.denoiser(latent, torch.tensor([500]), neighbours)
+        out = model.network.denoiser(latent, torch.tensor([500]), neighbours)
         assert out.shape == (1, ldm["outputs"]["pred"]["num_channels"], size // 4, size // 4)
 
 
@@ -107,8 +107,7 @@ def test_download_and_load_like_a_zoo_user(zoo_zip, tmp_path):
     """monai.bundle.download(url=file://...) then monai.bundle.load(workflow_type="inference"),
     in a fresh process whose `bundle` package comes from the unpacked zip, not this checkout
     (the bundle folder goes first on sys.path, as for any zoo bundle with code)."""
-    from bundle.inference import load_model
-    from bundle.sampling import SliceSampler
+    from bundle.weights import load_model
 
     out, _ = zoo_zip
     bundle_dir = tmp_path / "zoo"
@@ -125,10 +124,10 @@ def test_download_and_load_like_a_zoo_user(zoo_zip, tmp_path):
     assert info["bundle_package"].startswith(str(bundle_dir / BUNDLE_NAME))
     saved = torch.load(bundle_dir / "pred.pt", weights_only=True)
     model = load_model(ROOT / "models")  # the same weights through the bundle's own loader
-    sampler = SliceSampler(model.autoencoder, model.denoiser, model.latent_scale, 1, prediction=model.prediction)
+    sampler = model.sampler(1)
     expected = sampler(saved["neighbours"], z_start=saved["z"])
     assert saved["pred"].shape == (2, 1, 32, 32)
-    torch.testing.assert_close(saved["pred"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved["pred"], expected, rtol=0, atol=0)  # same weights, same code: exact
 
 
 def test_zoo_checks_on_the_unpacked_bundle(zoo_zip, tmp_path, phantom_dir):

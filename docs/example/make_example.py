@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from bundle.evaluate import lv_centre_from_contours
-from bundle.io import crop_inplane, read_sax, write_nifti
+from bundle.io import read_sax, write_nifti
+from bundle.stack import crop_inplane
 
 HALF = 48
 

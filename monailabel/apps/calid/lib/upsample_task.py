@@ -11,7 +11,7 @@ import tempfile
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from bundle.io import as_flag
+from bundle.options import as_flag
 from bundle.upsample import upsample_file
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,220 @@
+"""Ignite handlers the two training stages share: resumable checkpoints, the CSV log, the
+interpolation validator that keeps the best weights, NaN stop and progress bar."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+
+from .devices import as_device_tensor
+from .metrics import psnr, ssim
+from .sampling import DEFAULT_PREDICTION, SliceSampler
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def latest_checkpoint(checkpoint_dir):
+    """The checkpoint with the highest iteration in ``checkpoint_dir``, or None."""
+    folder = Path(checkpoint_dir)
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def attach_checkpointing(trainer, checkpoint_dir, objects: dict, every_iterations=50, n_saved=2):
+    """Save ``objects`` (models, EMA, optimisers, schedulers, engine, RNG...) every N
+    iterations and at the end, atomically, keeping the last ``n_saved``."""
+    from ignite.handlers import Checkpoint, DiskSaver
+
+    saver = Checkpoint(
+        objects,
+        DiskSaver(str(checkpoint_dir), require_empty=False, atomic=True),
+        filename_prefix="",
+        filename_pattern="checkpoint_{global_step}.pt",
+        global_step_transform=lambda engine, _: engine.state.iteration,
+        n_saved=n_saved,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, int(every_iterations))), saver)
+    trainer.add_event_handler(Events.COMPLETED, saver)
+    return saver
+
+
+def resume_latest(checkpoint_dir, objects: dict, max_epochs=None):
+    """Load the newest checkpoint into ``objects`` if there is one (before ``trainer.run()``).
+    ``max_epochs`` (the run's setting) replaces the one saved in the checkpoint, so that a
+    resumed run can be given more, or fewer, epochs."""
+    from ignite.handlers import Checkpoint
+
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        logger.info("no checkpoint in %s: starting from scratch", checkpoint_dir)
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    Checkpoint.load_objects(to_load=objects, checkpoint=state)
+    if max_epochs is not None and "trainer" in objects:
+        objects["trainer"].state.max_epochs = int(max_epochs)
+    logger.info("resumed from %s", path)
+    return path
+
+
+# ----------------------------------------------------------------------------- logging and validation
+
+
+class CSVLogger:
+    """Append the trainer's scalar outputs to ``path`` every ``every`` iterations."""
+
+    def __init__(self, path, every=10):
+        self.path = Path(path)
+        self.every = max(1, int(every))
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine):
+        row = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
+        row.update({k: v for k, v in engine.state.output.items() if isinstance(v, (int, float))})
+        row["lr"] = engine.optimizer.param_groups[0]["lr"] if hasattr(engine, "optimizer") else None
+        _append_csv(self.path, row)
+
+
+def _append_csv(path, row):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+class InterpolationValidator:
+    """Every ``every_epochs`` epochs, predict the middle slice of fixed validation triplets and
+    report PSNR/SSIM against linear interpolation (and the gain over it) in
+    ``engine.state.metrics``, the log and ``validation.csv``. The predictor is a callable
+    ``neighbours, middle -> prediction`` (network scale). Keeps the weights of the best gain."""
+
+    def __init__(self, dataset, predictor, output_dir, every_epochs=1, batch_size=8, save_best=None, device="cpu"):
+        self.dataset = dataset
+        self.predictor = predictor
+        self.output_dir = Path(output_dir)
+        self.every = max(1, int(every_epochs))
+        self.batch_size = batch_size
+        self.save_best = save_best  # callable(path) writing the weights worth keeping
+        self.device = torch.device(device)
+        self.best_gain = -float("inf")
+
+    def state_dict(self):
+        return {"best_gain": self.best_gain}
+
+    def load_state_dict(self, state):
+        self.best_gain = state["best_gain"]
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        # score the starting weights too (linear interpolation for a fresh residual model, the
+        # warm-start weights otherwise), so that "best" can never be worse than the start
+        engine.add_event_handler(Events.STARTED, lambda e: self(e) if e.state.iteration == 0 else None)
+
+    @torch.no_grad()
+    def evaluate(self):
+        scores = {"psnr": [], "ssim": [], "psnr_linear": [], "ssim_linear": []}
+        for start in range(0, len(self.dataset), self.batch_size):
+            items = [self.dataset[i] for i in range(start, min(start + self.batch_size, len(self.dataset)))]
+            middle = as_device_tensor(torch.stack([it["image"] for it in items]), self.device)
+            neighbours = as_device_tensor(torch.stack([it["neighbours"] for it in items]), self.device)
+            pred = self.predictor(neighbours, middle).float().clamp(-0.5, 1.5)
+            linear = neighbours.mean(1, keepdim=True)
+            scores["psnr"].append(psnr(pred, middle))
+            scores["ssim"].append(ssim(pred, middle))
+            scores["psnr_linear"].append(psnr(linear, middle))
+            scores["ssim_linear"].append(ssim(linear, middle))
+        result = {f"val_{k}": float(torch.cat(v).mean()) for k, v in scores.items()}
+        result["val_gain_db"] = result["val_psnr"] - result["val_psnr_linear"]
+        result["val_gain_ssim"] = result["val_ssim"] - result["val_ssim_linear"]
+        return result
+
+    def __call__(self, engine):
+        if len(self.dataset) == 0:
+            logger.warning("validation skipped: no validation studies (set val_studies or val_fraction)")
+            return
+        result = self.evaluate()
+        engine.state.metrics.update(result)
+        logger.info(
+            "validation epoch %d: PSNR %.2f dB (linear %.2f, gain %+.2f), SSIM %.4f (linear %.4f)",
+            engine.state.epoch,
+            result["val_psnr"],
+            result["val_psnr_linear"],
+            result["val_gain_db"],
+            result["val_ssim"],
+            result["val_ssim_linear"],
+        )
+        _append_csv(
+            self.output_dir / "validation.csv",
+            {"epoch": engine.state.epoch, "iteration": engine.state.iteration, **result},
+        )
+        if self.save_best is not None and result["val_gain_db"] > self.best_gain:
+            self.best_gain = result["val_gain_db"]
+            self.save_best(self.output_dir / "best.pt")
+
+
+def reconstruction_predictor(autoencoder):
+    """Stage 1 validation: the VAE's reconstruction of the true middle slice (its ceiling)."""
+
+    def predict(neighbours, middle):
+        autoencoder.eval()
+        return autoencoder.reconstruct(middle)
+
+    return predict
+
+
+def sampler_predictor(
+    autoencoder, ema, latent_scale, num_steps=8, seed=0, prediction=DEFAULT_PREDICTION, noise_scheduler=None
+):
+    """Stage 2 validation: DDIM from seeded noise with the EMA denoiser, neighbours only, on the
+    training noise schedule (``noise_scheduler``; None: the default one). ``latent_scale``: the
+    trainer's :class:`bundle.engines.LatentScale` (set by its first batch)."""
+
+    def predict(neighbours, middle):
+        generator = torch.Generator().manual_seed(seed)
+        denoiser = ema.module.eval()
+        scale = latent_scale.value if latent_scale.value is not None else 1.0
+        alphas_cumprod = None if noise_scheduler is None else noise_scheduler.alphas_cumprod
+        sampler = SliceSampler(
+            autoencoder.eval(),
+            denoiser,
+            scale,
+            num_steps=num_steps,
+            alphas_cumprod=alphas_cumprod,
+            prediction=prediction,
+        )
+        return sampler(neighbours, generator=generator)
+
+    return predict
+
+
+class StopOnNan:
+    """Ignite's ``TerminateOnNan`` on the loss, as a handler with ``attach``."""
+
+    def attach(self, engine):
+        from ignite.handlers import TerminateOnNan
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda output: output["loss"]))
+
+
+class ProgressBar:
+    """An Ignite progress bar showing the running loss."""
+
+    def attach(self, engine):
+        from ignite.handlers import ProgressBar as IgniteBar
+
+        IgniteBar(persist=True).attach(engine, output_transform=lambda output: {"loss": output["loss"]})

@@ -1,0 +1,268 @@
+"""Weight files and what they record: ``model.json`` (and the training stages' sidecars) has one
+owner, :class:`ModelInfo`; saving, warm-starting, freezing, exporting and loading weights live
+here too.
+
+A weights file is a plain state dict (``torch.load(weights_only=True)`` reads it) beside a JSON
+file of the same stem: ``autoencoder.pt``/``.json`` and ``diffusion.pt``/``best.pt`` from
+training, ``model.pt``/``model.json`` (both networks, fp16) for inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .devices import unwrap
+from .errors import InputRefused
+from .io import atomic_write
+from .networks import PRESETS, CaLIDNetwork
+from .sampling import DEFAULT_NOISE_SCHEDULE, DEFAULT_PREDICTION, MAX_STEPS, PREDICTIONS, make_noise_scheduler
+from .transforms import SlicePreprocessor
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
+WEIGHT_FILES = ("model.pt", "model.json")
+STAGES = ("autoencoder", "diffusion", "model")
+# gaps are compared with this tolerance relative to the limit: real spacings come out as
+# 15.9999 mm where the protocol says 16
+GAP_TOLERANCE = 0.01
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What a weights file is: the networks it fits, how it was trained, how it samples.
+
+    One set of defaults for training, export and inference. Keys this class does not interpret
+    (``validation``, ``recipe``...) are kept in ``extra`` and written back unchanged.
+    """
+
+    stage: str  # "autoencoder", "diffusion" or "model" (both networks, exported)
+    spatial_dims: int  # 2: slices, 3: 2D+T cines
+    net: dict  # the preset-style sizes of the networks
+    preset: str | None = None
+    latent_scale: float | None = None  # 1 / std of the training latents (diffusion and model)
+    prediction: str = DEFAULT_PREDICTION
+    noise_schedule: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NOISE_SCHEDULE))
+    model_spacing: float | None = None  # in-plane mm the networks were trained at (None: native)
+    trained_on: list | None = None
+    autoencoder_trained_on: list | None = None
+    steps: int = 8  # DDIM steps when none are asked for
+    # below this distance between neighbours (mm) the model was not measured to beat the fallback
+    fallback_below_mm: float | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data, source="model.json") -> ModelInfo:
+        """Validate a decoded JSON record; anything wrong is refused naming ``source``."""
+        if not isinstance(data, dict):
+            raise InputRefused(f"{source} does not hold a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [key for key in ("spatial_dims", "net") if key not in data]
+        if missing:
+            raise InputRefused(f"{source} lacks {', '.join(missing)}; export the weights again")
+        info = cls(
+            **{"stage": "model", **{k: v for k, v in data.items() if k in names}},
+            extra={k: v for k, v in data.items() if k not in names},
+        )
+        info.noise_schedule = {**DEFAULT_NOISE_SCHEDULE, **(info.noise_schedule or {})}
+        info._check(source)
+        return info
+
+    def _check(self, source):
+        def refuse(what):
+            raise InputRefused(f"{source}: {what}")
+
+        if self.stage not in STAGES:
+            refuse(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.spatial_dims not in (2, 3):
+            refuse(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if not isinstance(self.net, dict):
+            refuse("net must be a JSON object of network sizes")
+        if self.preset is not None and self.preset not in PRESETS:
+            refuse(f"names preset {self.preset!r}, which does not exist; presets: {', '.join(PRESETS)}")
+        if self.prediction not in PREDICTIONS:
+            refuse(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.latent_scale is not None and not _positive(self.latent_scale):
+            refuse(f"latent_scale must be a positive number, got {self.latent_scale!r}")
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= MAX_STEPS):
+            refuse(f"steps must be a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
+        if self.fallback_below_mm is not None and not _positive(self.fallback_below_mm):
+            refuse(f"fallback_below_mm must be a positive number, got {self.fallback_below_mm!r}")
+        try:
+            make_noise_scheduler(**self.noise_schedule)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            refuse(f"noise_schedule {self.noise_schedule} cannot be built: {e}")
+
+    @classmethod
+    def read(cls, path) -> ModelInfo:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputRefused(f"{path} is not valid JSON ({e}); export the weights again") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def beside(cls, weights_path) -> ModelInfo:
+        """The record of a weights file: ``X.json`` beside ``X.pt``."""
+        return cls.read(Path(weights_path).with_suffix(".json"))
+
+    def updated(self, **changes) -> ModelInfo:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**data, **self.extra}
+
+    def write(self, path) -> Path:
+        text = json.dumps(self.to_dict(), indent=4)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def falls_back(self, gap_mm) -> bool:
+        """Is the distance between two neighbours below the range the model was measured to help in?"""
+        if not self.fallback_below_mm or gap_mm is None:
+            return False
+        return gap_mm < self.fallback_below_mm * (1 - GAP_TOLERANCE)
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+class CaLIDModel:
+    """Trained weights ready for inference: the :class:`CaLIDNetwork`, its :class:`ModelInfo`
+    and where they were read from."""
+
+    def __init__(self, network: CaLIDNetwork, info: ModelInfo, source: str):
+        self.network, self.info, self.source = network, info, source
+
+    @property
+    def temporal(self):
+        return self.info.spatial_dims == 3
+
+    @property
+    def size_multiple(self):
+        """Input sizes must divide by the VAE factor times the U-Net's downsampling."""
+        return self.network.denoiser.vae_factor * 2 ** (len(self.info.net["unet_channels"]) - 1)
+
+    def sampler(self, num_steps):
+        return self.network.sampler(num_steps)
+
+    def preprocessor(self, stack) -> SlicePreprocessor:
+        """Scanner slices of ``stack`` to network inputs and back (scaling, model grid, padding)."""
+        return SlicePreprocessor.for_stack(stack, self.info.model_spacing, self.size_multiple)
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+def save_weights(module, path, info: ModelInfo) -> Path:
+    """A plain state dict plus its :class:`ModelInfo` beside it (``X.pt`` and ``X.json``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    info.write(path.with_suffix(".json"))
+    return path
+
+
+def init_weights(network, path=None):
+    """Warm start: load a plain state dict (fp16 shipped weights too) into ``network``; no-op for None."""
+    if path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if any(k.startswith("denoiser.") for k in state):  # an exported model.pt: take its denoiser
+            state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
+        network.load_state_dict(state)
+    return network
+
+
+def warm_start_latent_scale(weights_path=None):
+    """The latent scale recorded beside warm-start weights (they keep their latent units), else None."""
+    return None if weights_path is None else ModelInfo.beside(weights_path).latent_scale
+
+
+def load_frozen(network, path, device="cpu"):
+    """Load trained weights (a plain state dict) into ``network`` and freeze it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no trained weights at {path}: run the autoencoder stage first (configs/train_autoencoder.json) "
+            f"or point autoencoder_dir at its output folder"
+        )
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return network.to(device).eval().requires_grad_(False)
+
+
+def best_or_last(output_dir):
+    """The diffusion weights to export: ``best.pt`` (best validation gain) if validation ran, else ``diffusion.pt``."""
+    best = Path(output_dir) / "best.pt"
+    return best if best.is_file() else Path(output_dir) / "diffusion.pt"
+
+
+def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
+    """Combine a training run's ``autoencoder.pt`` and diffusion weights (``best.pt`` or
+    ``diffusion.pt``), each with its record, into ``OUT_DIR/model.pt`` + ``model.json``
+    (fp16 by default: half the size, and inference runs in float32 anyway)."""
+    autoencoder_path, diffusion_path, out_dir = Path(autoencoder_path), Path(diffusion_path), Path(out_dir)
+    ae_info, info = ModelInfo.beside(autoencoder_path), ModelInfo.beside(diffusion_path)
+    last = diffusion_path.with_name("diffusion.json")
+    if not info.latent_scale and last.is_file():
+        # best.pt saved by the validation of the starting weights, before the first batch set the
+        # scale: the scale is the frozen VAE's statistic, the same for the final weights
+        info.latent_scale = ModelInfo.read(last).latent_scale
+    if ae_info.net.get("vae_channels") != info.net.get("vae_channels"):
+        raise InputRefused(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
+    state = {}
+    for prefix, path in (("autoencoder", autoencoder_path), ("denoiser", diffusion_path)):
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            state[f"{prefix}.{key}"] = value.half() if half and value.is_floating_point() else value
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+    info.updated(stage="model", autoencoder_trained_on=ae_info.trained_on).write(out_dir / "model.json")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def check_weights(weights_dir=None) -> Path:
+    """The weights folder (default: the bundle's ``models/``), refusing one that lacks a file."""
+    folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
+    missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise InputRefused(
+            f"no CaLID weights in {folder}: missing {', '.join(missing)}. Train them (README: Training; the "
+            f"diffusion stage writes OUTPUT_DIR/model) or pass --weights DIR with {' and '.join(WEIGHT_FILES)}; "
+            f"--method flow or linear needs no weights"
+        )
+    return folder
+
+
+def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
+    """Load ``model.pt`` + ``model.json`` from ``weights_dir`` (default: the bundle's
+    ``models/``). Errors name the file that is missing or does not fit."""
+    folder = check_weights(weights_dir)
+    info = ModelInfo.read(folder / "model.json")
+    if not info.latent_scale:
+        raise InputRefused(f"{folder / 'model.json'} has no latent_scale")
+    try:
+        network = CaLIDNetwork.from_info(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputRefused(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
+    try:
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding more than tensors
+        raise InputRefused(
+            f"{folder / 'model.pt'} cannot be read as weights ({type(e).__name__}); the file is damaged or not "
+            f"a state dict of tensors: download or export it again"
+        ) from None
+    try:
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        raise InputRefused(
+            f"{folder / 'model.pt'} does not fit the network described in model.json "
+            f"(preset {info.preset}, spatial_dims {info.spatial_dims}): {str(e).splitlines()[0]}"
+        ) from e
+    return CaLIDModel(network.to(device).eval(), info, str(folder))
