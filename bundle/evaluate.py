@@ -83,7 +83,7 @@ def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptu
     result, predictions = {}, {}
     for name, predictor in predictors.items():
         start = time.perf_counter()
-        pred = predictor(slices[:-2], slices[2:], 0)
+        pred = predictor(slices[:-2], slices[2:], 2 * stack.slice_spacing)  # two acquisitions apart
         seconds = time.perf_counter() - start
         logger.info("%s: %d slices in %.1f s", name, pred.shape[0] * pred.shape[1], seconds)
         scaled = scaler(pred.flatten(0, 1).numpy())
@@ -100,9 +100,7 @@ def steps_sweep(stack, model, steps_list, centre_xy=None, phases=None, seed=0, d
     sweep = {"calid": {}, "calid+": {}}
     for steps in steps_list:
         logger.info("steps sweep: %d DDIM steps", steps)
-        predictors = make_predictors(
-            stack, model, steps, seed, device, baselines=False, fallback=fallback, spacing_mm=2 * stack.slice_spacing
-        )
+        predictors = make_predictors(stack, model, steps, seed, device, baselines=False, fallback=fallback)
         result, _ = leave_one_out(stack, {k: predictors[k] for k in sweep}, centre_xy, phases)
         for name in sweep:
             sweep[name][int(steps)] = {k: result[name][k] for k in ("psnr_heart", "ssim_heart", "seconds_per_slice")}
@@ -138,7 +136,7 @@ class TVL1Reference:
     name = "tvl1"
     needs_all_phases = False
 
-    def __call__(self, left, right, level=0, phase_offset=0):
+    def __call__(self, left, right, gap_mm=None, phase_offset=0):
         from skimage.registration import optical_flow_tvl1
 
         gaps, phases, x, y = left.shape
@@ -174,14 +172,12 @@ def make_predictors(
     chunk_size=8,
     baselines=True,
     fallback=True,
-    spacing_mm=None,
     reference=False,
 ):
     """linear and flow (and the TV-L1 ``reference``); with a loaded CaLIDModel also the VAE-only
     baselines (linear and slerp of the neighbours' latents, ``baselines``), CaLID (seeded noise)
     and CaLID+ (``--refine``). ``fallback=False`` uses the model at every gap, ignoring its
-    ``fallback_below_mm`` (below it: flow); ``spacing_mm`` is the distance between the
-    neighbours of level 0 (default: the stack's)."""
+    ``fallback_below_mm`` (below it: flow)."""
     flow = FlowMidpoints(device=device)
     predictors = {"linear": linear_midpoints, "flow": flow}
     if reference:
@@ -190,9 +186,7 @@ def make_predictors(
         from .inference import LearnedMidpoints
 
         pre = model.preprocessor(stack)
-        common = dict(
-            seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False, spacing_mm=spacing_mm
-        )
+        common = dict(seed=seed, chunk_size=chunk_size, device=device, fallback=flow if fallback else False)
         if baselines:
             for how in ("linear", "slerp"):
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
@@ -280,11 +274,8 @@ def evaluate(
         "labelled_stacks": {},
     }
 
-    def leave_one_out_predictors(stack):  # leave-one-out neighbours are two acquisitions apart
-        spacing = 2 * stack.slice_spacing
-        return make_predictors(
-            stack, model, steps, seed, device, fallback=fallback, spacing_mm=spacing, reference=reference
-        )
+    def leave_one_out_predictors(stack):
+        return make_predictors(stack, model, steps, seed, device, fallback=fallback, reference=reference)
 
     segmenter = None
     if segment_train:

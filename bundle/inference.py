@@ -1,8 +1,8 @@
 """The learned midpoint predictor: trained weights -> a function the bisection engine calls.
 
 Each level's gaps (every gap of every phase) are generated in batched, memory-bounded chunks.
-Every generated slice draws its starting noise from its own seed (study seed, sample, level,
-gap, phase), so results do not depend on the chunk size: a batched run equals a slice-by-slice
+Every generated slice draws its starting noise from its own seed (study seed, sample, gap
+width, gap, phase), so results do not depend on the chunk size: a batched run equals a slice-by-slice
 loop up to float rounding.
 """
 
@@ -20,7 +20,7 @@ from .weights import CaLIDModel
 
 
 def item_generator(*key) -> torch.Generator:
-    """A generator seeded from a tuple of integers (study seed, sample, level, gap, phase)."""
+    """A generator seeded from a tuple of integers (study seed, sample, gap width, gap, phase)."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -46,20 +46,16 @@ class LearnedMidpoints:
         progress=None,
         latent_blend=None,
         fallback=True,
-        spacing_mm=None,
     ):
-        """``spacing_mm``: the distance between the neighbours of level 0 (default: the slice
-        spacing the preprocessor was made for; leave-one-out evaluation passes twice that)."""
         if latent_blend not in (None, "linear", "slerp"):
             raise ValueError(f"latent_blend must be None, 'linear' or 'slerp', got {latent_blend!r}")
         self.latent_blend = latent_blend  # a baseline: the VAE alone, no denoiser
         # where the model's fallback_below_mm says it cannot help: flow midpoints (True), the
         # given predictor, or the model anyway (False)
         self.fallback = FlowMidpoints(device=device) if fallback is True else fallback or None
-        self.fell_back = set()  # the levels filled by the fallback, to tell the user
+        self.fell_back = set()  # the gaps (mm) filled by the fallback, to tell the user
         self.model = model
         self.pre = preprocessor
-        self.spacing_mm = preprocessor.slice_spacing if spacing_mm is None else float(spacing_mm)
         self.sampler = model.sampler(num_steps)
         self.refine = refine
         self.num_steps = num_steps
@@ -91,15 +87,10 @@ class LearnedMidpoints:
         """The 2D+T model generates whole cines: the bisection must not split the phases."""
         return self.model.temporal
 
-    def neighbour_gap_mm(self, level):
-        """Distance between the neighbours at bisection ``level`` (0: the slice spacing of the
-        stack being bisected); None if the spacing is unknown."""
-        return None if self.spacing_mm is None else self.spacing_mm * 2.0**-level
-
-    def falls_back(self, level):
+    def falls_back(self, gap_mm):
         if self.fallback is None or self.latent_blend:
             return False
-        return self.model.info.falls_back(self.neighbour_gap_mm(level))
+        return self.model.info.falls_back(gap_mm)
 
     @property
     def method(self):
@@ -110,7 +101,7 @@ class LearnedMidpoints:
     def describe(self):
         notes = []
         if self.fell_back:
-            gaps = ", ".join(f"{self.neighbour_gap_mm(level):.4g} mm" for level in sorted(self.fell_back))
+            gaps = ", ".join(f"{gap:.4g} mm" for gap in sorted(self.fell_back, reverse=True))
             notes.append(
                 f"{self.fallback.name} midpoints between neighbours {gaps} apart: the model was not measured to beat "
                 f"them below {self.model.info.fallback_below_mm:g} mm "
@@ -119,7 +110,7 @@ class LearnedMidpoints:
         return {
             "method": self.method,
             "steps": self.num_steps,
-            "fallback_levels": sorted(self.fell_back),
+            "fallback_gaps_mm": sorted(self.fell_back, reverse=True),
             "notes": notes,
         }
 
@@ -128,17 +119,18 @@ class LearnedMidpoints:
             self.progress.close()
 
     @torch.inference_mode()
-    def __call__(self, left, right, level, phase_offset=0):
+    def __call__(self, left, right, gap_mm=None, phase_offset=0):
         gaps, phases, x, y = left.shape
-        if self.falls_back(level):
-            self.fell_back.add(level)
-            return self.fallback(left, right, level, phase_offset=phase_offset)
+        if self.falls_back(gap_mm):
+            self.fell_back.add(gap_mm)
+            return self.fallback(left, right, gap_mm, phase_offset=phase_offset)
         if self.model.temporal:  # items: gaps, each a cine (X, Y, T)
             items_left, items_right = left.permute(0, 2, 3, 1), right.permute(0, 2, 3, 1)
             keys = [(k,) for k in range(gaps)]
         else:  # items: every (gap, phase) slice
             items_left, items_right = left.reshape(-1, x, y), right.reshape(-1, x, y)
             keys = [(k, phase_offset + p) for k in range(gaps) for p in range(phases)]
+        gap_key = 0 if gap_mm is None else int(round(gap_mm * 1000))  # micrometres: one seed stream per gap width
         outputs = []
         for start in range(0, len(keys), self.chunk_size):
             stop = min(start + self.chunk_size, len(keys))
@@ -150,7 +142,7 @@ class LearnedMidpoints:
                 shape = self.sampler.latent_shape(neighbours)[1:]
                 z_start = torch.stack(
                     [
-                        torch.randn(shape, generator=item_generator(self.seed, self.sample, level, *key))
+                        torch.randn(shape, generator=item_generator(self.seed, self.sample, gap_key, *key))
                         for key in keys[start:stop]
                     ]
                 )

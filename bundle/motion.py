@@ -232,7 +232,7 @@ class FlowMidpoints:
         return max(1, int(self.memory_budget_mb * 2**20 // (PLANES_PER_PAIR * 4 * x * y)))
 
     @torch.inference_mode()
-    def __call__(self, left, right, level=0, phase_offset=0):
+    def __call__(self, left, right, gap_mm=None, phase_offset=0):
         gaps, phases, x, y = left.shape
         a, b = left.reshape(-1, 1, x, y), right.reshape(-1, 1, x, y)
         out = torch.empty(a.shape, dtype=torch.float32)

@@ -12,9 +12,10 @@ interpolation); the motion-compensated flow midpoint (:mod:`bundle.motion`, the 
 the learned CaLID model (:mod:`bundle.inference`), which falls back to flow where it was not
 measured to beat it.
 
-The predictor protocol: ``predictor(left, right, level, phase_offset=0) -> middles`` with
-tensors (gaps, phases, X, Y) in scanner intensities (``level`` 0 is the widest gap;
-``phase_offset`` the study index of the first phase, for per-item seeds);
+The predictor protocol: ``predictor(left, right, gap_mm, phase_offset=0) -> middles`` with
+tensors (gaps, phases, X, Y) in scanner intensities (``gap_mm`` the distance between the
+neighbours, None where unknown; ``phase_offset`` the study index of the first phase, for
+per-item seeds);
 ``needs_all_phases`` (the 2D+T model must see whole cines); ``describe()`` -> a dict saying what
 it did, for the log and the output's metadata; ``close()`` releases what it holds.
 """
@@ -38,13 +39,10 @@ from .stack import SaxStack
 
 logger = logging.getLogger(__name__)
 
-# predictor(left, right, level, phase_offset=0) -> middle; tensors (N, T, X, Y): N gaps, T phases.
+# predictor(left, right, gap_mm, phase_offset=0) -> middle; tensors (N, T, X, Y): N gaps, T phases.
 MidpointPredictor = Callable[..., torch.Tensor]
 METHODS = ("flow", "calid", "linear")
 DEFAULT_METHOD = "flow"  # training-free, and measured better than the shipped learned model
-# neighbours closer than a model's fallback threshold by less than this fraction count as at
-# the threshold: real spacings come out as 15.9999 mm for 16 mm
-GAP_TOLERANCE = 0.01
 
 
 def bisection_levels(factor) -> int:
@@ -66,7 +64,7 @@ class LinearMidpoints:
     name = "linear"
     needs_all_phases = False
 
-    def __call__(self, left: torch.Tensor, right: torch.Tensor, level: int = 0, phase_offset: int = 0):
+    def __call__(self, left: torch.Tensor, right: torch.Tensor, gap_mm=None, phase_offset: int = 0):
         return 0.5 * (left + right)
 
     def describe(self):
@@ -79,17 +77,21 @@ class LinearMidpoints:
 linear_midpoints = LinearMidpoints()
 
 
-def bisect(slices: torch.Tensor, factor: int, predictor: MidpointPredictor, phase_offset: int = 0) -> torch.Tensor:
+def bisect(
+    slices: torch.Tensor, factor: int, predictor: MidpointPredictor, spacing_mm=None, phase_offset: int = 0
+) -> torch.Tensor:
     """Upsample ``slices`` (Z, T, X, Y) to ((Z - 1) * factor + 1, T, X, Y) by repeated bisection.
 
     At each level every gap is predicted in one call, using the slices of previous levels as
-    neighbours; known slices are copied, never regenerated. ``phase_offset`` is the index of
-    the first phase of ``slices`` in the study (predictors that seed per phase need it).
+    neighbours; known slices are copied, never regenerated. ``spacing_mm`` is the distance
+    between the given slices (the predictor is told each level's gap); ``phase_offset`` is the
+    index of the first phase of ``slices`` in the study (predictors that seed per phase need it).
     """
     levels = bisection_levels(factor)
     current = slices
     for level in range(levels):
-        middles = predictor(current[:-1], current[1:], level, phase_offset=phase_offset)
+        gap_mm = None if spacing_mm is None else float(spacing_mm) / 2**level
+        middles = predictor(current[:-1], current[1:], gap_mm, phase_offset=phase_offset)
         if middles.shape != current[:-1].shape:
             raise RuntimeError(
                 f"midpoint predictor returned {tuple(middles.shape)}, expected {tuple(current[:-1].shape)}"
@@ -127,7 +129,7 @@ def upsample_stack(
     for first in range(0, t, group):
         # float64 keeps the acquired values exact for any input dtype
         part = np.ascontiguousarray(stack.array[:, :, :, first : first + group].transpose(2, 3, 0, 1), dtype=np.float64)
-        result = bisect(torch.from_numpy(part), factor, predictor, phase_offset=first)
+        result = bisect(torch.from_numpy(part), factor, predictor, stack.slice_spacing, phase_offset=first)
         dense[:, :, :, first : first + group] = result.numpy().transpose(2, 3, 0, 1)
     affine = stack.affine.copy()
     affine[:3, 2] = stack.affine[:3, 2] / factor
@@ -345,7 +347,7 @@ def _make_predictors(
     ]
     # the bar counts the slices the model generates; those filled by flow are told in the log
     per_gap = 1 if model.temporal else t
-    modelled = [level for level in range(levels) if not predictors[0].falls_back(level)]
+    modelled = [level for level in range(levels) if not predictors[0].falls_back(stack.slice_spacing / 2**level)]
     total = new_slices(modelled, per_gap) * samples
     bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress or not total)
     for predictor in predictors:

@@ -21,7 +21,7 @@ def test_heart_box_stays_inside_the_image():
 def test_leave_one_out_scores_the_right_slices(phantom_subject):
     stack = phantom_subject.sparse
 
-    def oracle(left, right, level):  # knows the answer: the acquired middle slices
+    def oracle(left, right, gap_mm):  # knows the answer: the acquired middle slices
         slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
         return slices[1:-1]
 
@@ -35,7 +35,7 @@ def test_phantom_levels_against_the_truth(phantom_subject):
     s = phantom_subject
     truth_every_2mm = torch.from_numpy(s.truth.array[:, :, ::2].transpose(2, 3, 0, 1).astype(np.float64))
 
-    def oracle(left, right, level, **_):  # the truth halfway between, by position in the dense truth
+    def oracle(left, right, gap_mm, **_):  # the truth halfway between, by position in the dense truth
         n = left.shape[0]
         stride = (truth_every_2mm.shape[0] - 1) // n
         return truth_every_2mm[stride // 2 :: stride][:n]
@@ -116,19 +116,16 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
         evaluate(out, [contoured_study])
 
 
-def test_leave_one_out_predictors_know_their_neighbours_are_two_slices_apart(phantom_subject, tmp_path):
-    from conftest import write_tiny_weights
+def test_leave_one_out_tells_predictors_their_neighbours_are_two_slices_apart(phantom_subject):
+    seen = []
 
-    from bundle.evaluate import make_predictors
-    from bundle.weights import load_model
+    def recorder(left, right, gap_mm, **_):
+        seen.append(gap_mm)
+        return 0.5 * (left + right)
 
-    model = load_model(write_tiny_weights(tmp_path / "w"))
     stack = phantom_subject.sparse  # 8 mm
-    bisecting = make_predictors(stack, model)["calid"]
-    leaving_out = make_predictors(stack, model, spacing_mm=2 * stack.slice_spacing)["calid"]
-    assert bisecting.neighbour_gap_mm(0) == pytest.approx(8.0) and leaving_out.neighbour_gap_mm(0) == pytest.approx(
-        16.0
-    )
+    leave_one_out(stack, {"recorder": recorder})
+    assert seen == [pytest.approx(16.0)]
 
 
 def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tmp_path):

@@ -214,16 +214,18 @@ def test_fallback_to_flow_below_the_models_narrowest_gap(tmp_path, phantom_subje
     stack = phantom_subject.sparse  # 8 mm slices: level 0 gaps are 8 mm, level 1 gaps 4 mm
     pre = SlicePreprocessor.for_stack(stack, None, model.size_multiple)
     predictor = LearnedMidpoints(model, pre, num_steps=1)
-    assert [predictor.neighbour_gap_mm(level) for level in (0, 1, 2)] == pytest.approx([8.0, 4.0, 2.0])
     slices = torch.from_numpy(stack.array.transpose(2, 3, 0, 1).astype(np.float64))
     left, right = slices[:2, :1], slices[1:3, :1]
-    flow = FlowMidpoints()(left, right, 1)
-    assert torch.equal(predictor(left, right, 1), flow)
-    assert not torch.allclose(predictor(left, right, 0), flow, atol=1e-3)
-    assert predictor.fell_back == {1}
+    flow = FlowMidpoints()(left, right, 4.0)
+    assert torch.equal(predictor(left, right, 4.0), flow)
+    assert not torch.allclose(predictor(left, right, 8.0), flow, atol=1e-3)
+    assert predictor.fell_back == {4.0}
     assert "flow midpoints between neighbours 4 mm apart" in predictor.describe()["notes"][0]  # the log says
     unrestricted = LearnedMidpoints(model, pre, num_steps=1, fallback=False)
-    assert not torch.allclose(unrestricted(left, right, 1), flow, atol=1e-3)
+    assert not torch.allclose(unrestricted(left, right, 4.0), flow, atol=1e-3)
+    through_engine = LearnedMidpoints(model, pre, num_steps=1)
+    upsample_stack(stack, 4, through_engine)  # the engine tells each level's gap: 8 mm, then 4 mm
+    assert through_engine.describe()["fallback_gaps_mm"] == [pytest.approx(4.0)]
 
 
 def test_gap_at_the_fallback_threshold_within_rounding_uses_the_model(tmp_path, phantom_subject):
@@ -235,9 +237,9 @@ def test_gap_at_the_fallback_threshold_within_rounding_uses_the_model(tmp_path, 
     (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 16.0}))
     model = load_model(weights)
     pre = SlicePreprocessor.for_stack(phantom_subject.sparse, None, model.size_multiple)
-    predictor = LearnedMidpoints(model, pre, num_steps=1, spacing_mm=15.9999)
-    assert not predictor.falls_back(0) and predictor.falls_back(1)
-    assert LearnedMidpoints(model, pre, num_steps=1, spacing_mm=15.5).falls_back(0)  # 3 % narrower: not rounding
+    predictor = LearnedMidpoints(model, pre, num_steps=1)
+    assert not predictor.falls_back(15.9999) and predictor.falls_back(15.9999 / 2)
+    assert predictor.falls_back(15.5)  # 3 % narrower: not rounding
 
 
 @pytest.mark.parametrize("value", [0.0, 37.0])
