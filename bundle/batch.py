@@ -1,7 +1,7 @@
 """Cohort-scale upsampling: many studies, sharded over torch.distributed ranks.
 
 Each rank takes every ``world_size``-th study of the sorted list and runs the same
-:func:`bundle.upsample.upsample_file` as ``calid upsample``, one study at a time. Outputs are
+:func:`bundle.pipeline.upsample_file` as ``calid upsample``, one study at a time. Outputs are
 written atomically, so a study whose output exists is complete and is skipped on a rerun; a
 study that fails is recorded with its error and the run goes on. Every run writes a manifest
 (JSON lines: input, output, shape, spacing, seconds, status) and a failures file.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import InputRefused
 from .io import NIFTI_SUFFIXES
-from .options import as_flag
+from .options import UpsampleOptions
 from .studies import batch_inputs, study_name
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,11 @@ def _append_json_line(path, record):
         os.fsync(f.fileno())
 
 
-def run_batch(source, out_dir, factor=2, rank=0, world_size=1, run_id=None, progress=True, **options):
-    """Upsample this rank's share of ``source`` into ``out_dir``; returns (done, skipped, failed).
-
-    ``options`` are those of :func:`bundle.upsample.upsample_file` (method, steps, refine,
-    samples, seed, device, weights_dir, memory_budget_mb, ...)."""
+def run_batch(source, out_dir, options: UpsampleOptions, rank=0, world_size=1, run_id=None, progress=True):
+    """Upsample this rank's share of ``source`` into ``out_dir``; returns (done, skipped, failed)."""
     from tqdm.auto import tqdm
 
-    from .upsample import upsample_file
+    from .pipeline import upsample_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,17 +65,16 @@ def run_batch(source, out_dir, factor=2, rank=0, world_size=1, run_id=None, prog
     manifest = out_dir / f"manifest-{run_id}.rank{rank}.jsonl"
     failures = out_dir / f"failures-{run_id}.rank{rank}.jsonl"
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    options = dict(options, progress=False)
     for study in tqdm(mine, desc=f"rank {rank} studies", disable=not progress):
-        output = output_for(study, out_dir, factor)
+        output = output_for(study, out_dir, options.factor)
         record = {"input": str(study), "output": str(output), "rank": rank}
         start = time.perf_counter()
-        if output.exists() and not options.get("overwrite"):
+        if output.exists() and not options.overwrite:
             record.update(status="skipped", reason="output exists (outputs are written atomically)")
             counts["skipped"] += 1
         else:
             try:
-                _, dense, _ = upsample_file(study, output, factor, **options)
+                _, dense, _ = upsample_file(study, output, options, progress=False)
                 record.update(status="done", shape=list(dense.shape), spacing=_spacing(dense))
                 counts["done"] += 1
             except Exception as e:  # fault isolation: record and go on, whatever the error
@@ -121,46 +117,30 @@ def check_batch_folders(source, out_dir):
         )
 
 
-def check_batch_options(factor, options):
-    """Refuse, before any study is touched, what would make every study fail."""
-    import inspect
-
-    from .upsample import DEFAULT_METHOD, METHODS, bisection_levels, upsample_file
-    from .weights import check_weights
-
-    per_study = {"input_path", "output_path", "factor", "preview_path", "phase", "series_uid", "progress"}
-    allowed = set(inspect.signature(upsample_file).parameters) - per_study
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise InputRefused(f"unknown option(s) for batch upsampling: {', '.join(unknown)}")
-    bisection_levels(factor)
-    for name in ("overwrite", "refine"):  # the run skips existing outputs before upsample_file sees them
-        if name in options:
-            options[name] = as_flag(options[name], name)
-    method = options.get("method", DEFAULT_METHOD)
-    if method not in METHODS:
-        raise InputRefused(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if method == "calid":
-        check_weights(options.get("weights_dir"))
-
-
-def distributed_batch(source, out_dir, factor=2, **options):
+def distributed_batch(source, out_dir, options: UpsampleOptions | None = None, **values):
     """Entry point for one process or each ``torchrun`` rank: shard, run, merge, and return
-    the number of failed studies over all ranks (the exit code's business)."""
+    the number of failed studies over all ranks (the exit code's business). Options: an
+    :class:`UpsampleOptions` or its values as keywords, checked before any study is touched."""
+    import dataclasses
+
     import torch
     import torch.distributed as dist
 
-    check_batch_options(factor, options)
+    options = UpsampleOptions.of(options, **values)
     check_batch_folders(source, out_dir)
+    if options.method == "calid":
+        from .weights import check_weights
+
+        check_weights(options.weights)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
-    if distributed and torch.cuda.is_available() and options.get("device", "auto") in ("auto", "cuda"):
+    if distributed and torch.cuda.is_available() and options.device in ("auto", "cuda"):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        options["device"] = f"cuda:{local_rank}"
+        options = dataclasses.replace(options, device=f"cuda:{local_rank}")
     run_id = [time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"]
     if distributed:
         dist.broadcast_object_list(run_id, src=0)
@@ -170,7 +150,7 @@ def distributed_batch(source, out_dir, factor=2, **options):
             logger.warning("removed a partial file of an interrupted run: %s", path)
     if distributed:
         dist.barrier()
-    counts = run_batch(source, out_dir, factor, rank=rank, world_size=world_size, run_id=run_id[0], **options)
+    counts = run_batch(source, out_dir, options, rank=rank, world_size=world_size, run_id=run_id[0])
     failed = counts["failed"]
     if distributed:
         on_gpu = dist.get_backend() == "nccl"

@@ -10,7 +10,9 @@ from .devices import resolve_device
 from .engines import AutoencoderTrainer, LatentDiffusionTrainer, LatentScale, make_ema
 from .errors import InputRefused
 from .losses import PerceptualTerm
-from .networks import build_discriminator, build_networks, count_parameters, preset
+from .networks import build_discriminator, build_networks, count_parameters
+from .networks import preset as preset_sizes
+from .options import as_flag
 from .sampling import make_noise_scheduler
 
 
@@ -36,10 +38,18 @@ def _time_iterations(trainer, batch, iterations, device):
     return (time.perf_counter() - start) / iterations
 
 
-def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=False, batch_size=None):
-    """Seconds per training iteration of both stages, and parameter counts, for a preset."""
-    device = resolve_device(device)
-    net = preset(preset_name)
+def training_speed(preset="cpu", iterations=3, device="auto", temporal=False, batch_size=None):
+    """Benchmark training: parameter counts and seconds per iteration of both stages.
+
+    Args:
+        preset: the network sizes (tiny, cpu, paper), with random weights.
+        iterations: timed iterations per stage, after one warm-up.
+        device: auto, cpu, cuda or cuda:N.
+        temporal: the 2D+T variant.
+        batch_size: default: the preset's.
+    """
+    device, temporal = resolve_device(device), as_flag(temporal, "temporal")
+    net = preset_sizes(preset)
     batch_size = batch_size or net["batch_size"]
     dims = 3 if temporal else 2
     vae, denoiser = (module.to(device) for module in build_networks(dims, net))
@@ -65,7 +75,7 @@ def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=Fals
         **common,
     )
     result = {
-        "preset": preset_name,
+        "preset": preset,
         "variant": "2D+T" if temporal else "2D",
         "device": str(device),
         "batch_size": batch_size,
@@ -80,13 +90,13 @@ def training_speed(preset_name="cpu", iterations=3, device="auto", temporal=Fals
     return result
 
 
-def _random_model(preset_name, temporal, device):
+def _random_model(preset, temporal, device):
     """A CaLIDModel with random weights: speed and memory do not depend on the values."""
     from .networks import CaLIDNetwork
     from .weights import CaLIDModel, ModelInfo
 
-    info = ModelInfo("model", 3 if temporal else 2, preset(preset_name), preset=preset_name, latent_scale=1.0)
-    return CaLIDModel(CaLIDNetwork.from_info(info).to(device).eval(), info, f"random {preset_name}")
+    info = ModelInfo("model", 3 if temporal else 2, preset_sizes(preset), preset=preset, latent_scale=1.0)
+    return CaLIDModel(CaLIDNetwork.from_info(info).to(device).eval(), info, f"random {preset}")
 
 
 def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision, method="calid"):
@@ -103,8 +113,8 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
     if method == "flow":
         predictor = FlowMidpoints(device=device) if chunk_size > 1 else FlowMidpoints(device=device, memory_budget_mb=1)
     else:
-        weights, preset_name, temporal = model_spec
-        model = load_model(weights, device=device) if weights else _random_model(preset_name, temporal, device)
+        weights, preset, temporal = model_spec
+        model = load_model(weights, device=device) if weights else _random_model(preset, temporal, device)
         pre = model.preprocessor(stack)
         predictor = LearnedMidpoints(
             model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision, fallback=False
@@ -128,7 +138,7 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
 
 def inference_speed(
     weights=None,
-    preset_name="cpu",
+    preset="cpu",
     temporal=False,
     slices=12,
     phases=20,
@@ -141,8 +151,24 @@ def inference_speed(
     precision="auto",
     method="calid",
 ):
-    """Wall time and peak memory to upsample a phantom cine, batched vs a per-slice loop, with
-    the learned model (``method`` calid) or flow midpoints (``method`` flow)."""
+    """Benchmark upsampling: wall time and peak memory on a phantom cine, batched vs a per-slice loop.
+
+    Args:
+        weights: a model folder to time (default: random weights of the preset).
+        preset: the network sizes of the random model (tiny, cpu, paper).
+        temporal: the 2D+T variant.
+        slices: slices of the phantom cine.
+        phases: phases of the phantom cine.
+        size: in-plane size of the phantom (pixels).
+        factor: the upsampling factor.
+        steps: DDIM steps.
+        device: auto, cpu, cuda or cuda:N.
+        chunk_size: slices per batch (default 64 on CUDA, 8 on CPU); for flow, 1 means one pair per solve.
+        loop: also time the per-slice loop.
+        precision: auto, fp32, bf16 or fp16.
+        method: calid (the learned model) or flow (flow midpoints).
+    """
+    temporal, loop = as_flag(temporal, "temporal"), as_flag(loop, "loop")
     if method not in ("calid", "flow"):
         raise InputRefused(f"benchmark --method is calid or flow, got {method!r}")
     import multiprocessing
@@ -158,7 +184,7 @@ def inference_speed(
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "method": method,
-        "model": None if method == "flow" else weights or f"random {preset_name} ({'2D+T' if temporal else '2D'})",
+        "model": None if method == "flow" else weights or f"random {preset} ({'2D+T' if temporal else '2D'})",
         "input": f"{slices} slices x {phases} phases x {size}x{size}",
         "factor": factor,
         "steps": steps if method == "calid" else None,
@@ -169,7 +195,7 @@ def inference_speed(
         with context.Pool(1) as pool:
             measured = pool.apply(
                 _upsample_once,
-                ((weights, preset_name, temporal), stack, factor, steps, chunk, str(device), precision, method),
+                ((weights, preset, temporal), stack, factor, steps, chunk, str(device), precision, method),
             )
         measured["seconds_per_generated_slice"] = measured["seconds"] / generated
         result[name] = measured

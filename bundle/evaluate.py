@@ -225,8 +225,8 @@ def _dicom_dir(study):
 def evaluate(
     out_dir,
     studies=(),
-    phantom_dir=None,
-    weights_dir=None,
+    phantom=None,
+    weights=None,
     steps=1,
     seed=0,
     device="cpu",
@@ -242,27 +242,59 @@ def evaluate(
     labelled_stacks=None,
     heart_mm=HEART_MM,
 ):
-    """Write ``report.json``, ``report.md``, ``figures/STUDY.png`` (and ``segmenter.pt``) under
-    ``out_dir``; returns the report. See the module docstring for the protocol."""
+    """Evaluate every method against the truth: real studies, labelled stacks, phantoms.
+
+    Compares linear interpolation, flow midpoints and the TV-L1 reference, and with weights the
+    VAE-only latent baselines, CaLID and CaLID+. Writes OUT_DIR/report.json, report.md,
+    figures/STUDY.png (and segmenter.pt); returns the report. The module docstring has the protocol.
+
+    Args:
+        out_dir: the folder for the report (refused if it holds one, unless overwrite).
+        studies: real studies for leave-one-out (folders with dicom/ and, for the heart region,
+            Sunnybrook contours/), every phase.
+        phantom: a `calid phantom` folder: x4 against its dense truth, per bisection level.
+        weights: a model folder (model.pt, model.json): adds the latent baselines, CaLID and CaLID+.
+        steps: DDIM steps of CaLID and CaLID+.
+        seed: the seed of the learned model's starting noise.
+        device: cpu, cuda or auto.
+        sweep_steps: the DDIM steps of the steps sweep (on the first study).
+        sweep_phases: how many phases the steps sweep uses.
+        segment_train: studies whose contours train a U-Net that then segments every contoured
+            leave-one-out slice (Dice, ASD); empty: no downstream check.
+        segment_iterations: training iterations of that U-Net.
+        alexnet_weights: a local AlexNet weights file for LPIPS and rFID (never downloaded).
+        overwrite: replace an existing report.
+        fallback: use flow where the model's fallback_below_mm says (false: the model at every gap).
+        perceptual: compute LPIPS and rFID (slow on a CPU).
+        reference: add the TV-L1 reference (scikit-image, slow).
+        labelled_stacks: a folder of NAME.nii.gz with NAME_labels.nii.gz (the Sunnybrook ED/ES
+            layout): leave-one-out on each, every slice normalised on its own.
+        heart_mm: the side of the heart-region square around the LV centre (mm).
+    """
     from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
     from .preview import save_evaluation_figure
     from .studies import list_studies, study_name
     from .weights import load_model
 
+    def as_list(value):  # the command line gives one study as a string
+        return [value] if isinstance(value, (str, int, Path)) else list(value or ())
+
+    studies, sweep_steps, segment_train = as_list(studies), as_list(sweep_steps), as_list(segment_train)
+    heart_mm = float(heart_mm)
     overwrite, fallback = as_flag(overwrite, "overwrite"), as_flag(fallback, "fallback")
     perceptual, reference = as_flag(perceptual, "perceptual"), as_flag(reference, "reference")
     out_dir = Path(out_dir)
     if (out_dir / "report.json").exists() and not overwrite:
         raise InputRefused(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(weights_dir, device=device) if weights_dir else None  # once, for every study
+    model = load_model(weights, device=device) if weights else None  # once, for every study
     perceptual = PerceptualMetrics(alexnet_weights, device=device) if perceptual else None
     report = {
         "protocol": __doc__.strip(),
         "steps": steps,
         "heart_mm": float(heart_mm),
-        "weights": str(weights_dir),
+        "weights": str(weights),
         "trained_on": getattr(model, "trained_on", None),
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
         "fallback_below_mm": getattr(model, "fallback_below_mm", None) if fallback else None,
@@ -296,13 +328,13 @@ def evaluate(
             report["sweep_phases"] = phases.tolist()
         if segmenter is not None:
             report["downstream"][study.name] = _downstream(segmenter, study, stack, predictions, device)
-    if phantom_dir:
-        for path in list_studies(phantom_dir):
+    if phantom:
+        for path in list_studies(phantom):
             name = study_name(path)
             logger.info("x4 on phantom %s", name)
             sparse = read_sax(path)
-            truth = read_sax(Path(phantom_dir) / f"{name}{TRUTH_SUFFIX}.nii.gz")
-            labels = read_sax(Path(phantom_dir) / f"{name}{LABELS_SUFFIX}.nii.gz")
+            truth = read_sax(Path(phantom) / f"{name}{TRUTH_SUFFIX}.nii.gz")
+            labels = read_sax(Path(phantom) / f"{name}{LABELS_SUFFIX}.nii.gz")
             predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback, reference=reference)
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors, heart_mm=heart_mm)
     for path in sorted(Path(labelled_stacks).glob("*.nii.gz")) if labelled_stacks else ():

@@ -240,6 +240,26 @@ def check_weights(weights_dir=None) -> Path:
     return folder
 
 
+def load_state(network: CaLIDNetwork, weights_dir=None) -> CaLIDNetwork:
+    """Load ``model.pt`` into ``network`` (built from the folder's ``model.json``); a damaged or
+    unfitting file is refused naming it."""
+    folder = check_weights(weights_dir)
+    try:
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding more than tensors
+        raise InputRefused(
+            f"{folder / 'model.pt'} cannot be read as weights ({type(e).__name__}); the file is damaged or not "
+            f"a state dict of tensors: download or export it again"
+        ) from None
+    try:
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as e:
+        raise InputRefused(
+            f"{folder / 'model.pt'} does not fit the network described in model.json: {str(e).splitlines()[0]}"
+        ) from None
+    return network
+
+
 def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     """Load ``model.pt`` + ``model.json`` from ``weights_dir`` (default: the bundle's
     ``models/``). Errors name the file that is missing or does not fit."""
@@ -251,18 +271,4 @@ def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
         network = CaLIDNetwork.from_info(info)
     except (KeyError, TypeError, ValueError) as e:
         raise InputRefused(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
-    try:
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding more than tensors
-        raise InputRefused(
-            f"{folder / 'model.pt'} cannot be read as weights ({type(e).__name__}); the file is damaged or not "
-            f"a state dict of tensors: download or export it again"
-        ) from None
-    try:
-        network.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as e:
-        raise InputRefused(
-            f"{folder / 'model.pt'} does not fit the network described in model.json "
-            f"(preset {info.preset}, spatial_dims {info.spatial_dims}): {str(e).splitlines()[0]}"
-        ) from e
-    return CaLIDModel(network.to(device).eval(), info, str(folder))
+    return CaLIDModel(load_state(network, folder).to(device).eval(), info, str(folder))

@@ -3,7 +3,7 @@
 # needed). Offline: the app downloads nothing, and the server starts without trainers.
 #   bash monailabel/start_server.sh [STUDIES_DIR] [PORT]
 # STUDIES_DIR holds NIfTI stacks (default: the bundle's docs/example); the infer task is
-# calid_upsample (params: factor, steps, refine).
+# calid_upsample (params: factor, method, steps, refine, seed, precision, chunk_size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-monailabel}

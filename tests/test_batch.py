@@ -91,9 +91,7 @@ def test_sigkill_then_rerun_resumes(cohort, tmp_path, tiny_weights_2d):
     assert "phantom_000_x8.nii.gz" in finished and "phantom_005_x8.nii.gz" not in finished
     for name in finished:  # whatever exists is complete: atomic writes
         assert nib.load(out / name).shape == (32, 32, 25, 2)
-    failed, counts = distributed_batch(
-        cohort, out, 8, method="calid", weights_dir=str(tiny_weights_2d), num_inference_steps=40
-    )
+    failed, counts = distributed_batch(cohort, out, factor=8, method="calid", weights=str(tiny_weights_2d), steps=40)
     assert failed == 1 and counts["skipped"] == len(finished) and counts["done"] == 5 - len(finished)
     assert sorted(p.name for p in out.glob("phantom_*_x8.nii.gz")) == [
         f"phantom_00{i}_x8.nii.gz" for i in (0, 1, 2, 4, 5)
@@ -107,10 +105,10 @@ def test_memory_budget_bounds_peak_memory(tmp_path):
     nib.save(nib.Nifti1Image((rng.random((256, 256, 12, 20)) * 1000).astype(np.int16), np.eye(4)), tmp_path / "big.nii")
     script = (
         "import resource, sys\n"
-        "from bundle.upsample import upsample_file\n"
+        "from bundle.pipeline import upsample_file\n"
         "budget = None if sys.argv[3] == 'none' else float(sys.argv[3])\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "upsample_file(sys.argv[1], sys.argv[2], 8, method='linear', memory_budget_mb=budget, progress=False)\n"
+        "upsample_file(sys.argv[1], sys.argv[2], factor=8, method='linear', memory_budget_mb=budget, progress=False)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
     growth = {}
@@ -152,10 +150,10 @@ def test_bundle_batch_config_fails_on_a_failed_study(cohort, tmp_path):
     "args,message",
     [
         (["--method", "lineer"], "unknown method 'lineer'"),
-        (["--step", "3"], "unknown option(s) for batch upsampling: step"),
+        (["--step", "3"], "calid upsample-batch has no option --step"),
         (["--factor", "3"], "factor must be a power of two"),
         (["--method", "calid", "--weights", "/nowhere"], "no CaLID weights in /nowhere"),
-        (["--weights", "/nowhere"], "--weights, --steps and --refine are for --method calid"),
+        (["--weights", "/nowhere"], "weights is for method calid"),
     ],
 )
 def test_refuses_before_touching_any_study(cohort, tmp_path, capsys, args, message):

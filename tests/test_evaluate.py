@@ -52,7 +52,7 @@ def test_report_with_an_untrained_residual_model_shows_no_gain(phantom_dir, tmp_
     from conftest import write_tiny_weights
 
     weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
-    report = evaluate(tmp_path / "ev", phantom_dir=phantom_dir, weights_dir=weights, steps=1, perceptual=False)
+    report = evaluate(tmp_path / "ev", phantom=phantom_dir, weights=weights, steps=1, perceptual=False)
     assert report["skipped"] == {"lpips": "not asked for", "rfid": "not asked for"}
     for methods in report["phantom"].values():
         for level, linear in methods["linear"].items():
@@ -85,7 +85,7 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
     report = evaluate(
         out,
         [contoured_study],
-        weights_dir=weights,
+        weights=weights,
         steps=1,
         sweep_steps=[1, 2],
         sweep_phases=1,
@@ -149,3 +149,12 @@ def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tm
     assert list(report["labelled_stacks"]["P1_phase00"]) == ["linear", "flow"]
     text = (tmp_path / "ev" / "report.md").read_text()
     assert "mean over 1 stacks" in text and "beats linear in the heart region: flow" in text
+
+
+def test_the_evaluate_command_takes_the_functions_options(phantom_dir, tmp_path, capsys):
+    from bundle.cli import main
+
+    main(["evaluate", str(tmp_path / "ev"), "--phantom", str(phantom_dir), "--noperceptual", "--noreference"])
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(report["phantom"]) and "flow" in next(iter(report["phantom"].values()))
+    assert "# Evaluation" in capsys.readouterr().out

@@ -14,9 +14,10 @@ from bundle.errors import InputRefused
 from bundle.inference import LearnedMidpoints
 from bundle.io import read_sax, write_nifti
 from bundle.motion import FlowMidpoints
+from bundle.pipeline import std_map_path, upsample_file
 from bundle.stack import SaxStack
 from bundle.transforms import SlicePreprocessor
-from bundle.upsample import bisect, std_map_path, upsample_file, upsample_stack
+from bundle.upsample import bisect, upsample_stack
 from bundle.weights import load_model
 
 
@@ -51,10 +52,10 @@ def test_output_contract_4d(request, small_stack, tmp_path, weights, factor):
     stack, dense, _ = upsample_file(
         tmp_path / "in.nii.gz",
         tmp_path / "out.nii.gz",
-        factor,
+        factor=factor,
         method="calid",
-        weights_dir=weights,
-        num_inference_steps=1,
+        weights=weights,
+        steps=1,
     )
     assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), factor)
     assert np.isfinite(dense.array).all()
@@ -65,9 +66,7 @@ def test_output_contract_3d_input(request, small_stack, tmp_path, weights):
     weights = request.getfixturevalue(weights)
     three_d = SaxStack(small_stack.array[..., :1], small_stack.affine, {"was_3d": True})
     write_nifti(three_d, tmp_path / "in.nii.gz")
-    upsample_file(
-        tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", 4, method="calid", weights_dir=weights, num_inference_steps=1
-    )
+    upsample_file(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", factor=4, method="calid", weights=weights, steps=1)
     assert nib.load(tmp_path / "out.nii.gz").ndim == 3
     assert_contract(read_sax(tmp_path / "in.nii.gz"), read_sax(tmp_path / "out.nii.gz"), 4)
 
@@ -77,18 +76,18 @@ def test_refine_meets_the_contract(small_stack, tmp_path, tiny_weights_2d):
     upsample_file(
         tmp_path / "in.nii.gz",
         tmp_path / "o.nii.gz",
-        2,
+        factor=2,
         method="calid",
-        weights_dir=tiny_weights_2d,
+        weights=tiny_weights_2d,
         refine=True,
-        num_inference_steps=2,
+        steps=2,
     )
     assert_contract(small_stack, read_sax(tmp_path / "o.nii.gz"), 2)
 
 
 def test_seed_determinism_and_samples(small_stack, tmp_path, tiny_weights_2d):
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    run = dict(factor=2, method="calid", weights_dir=tiny_weights_2d, num_inference_steps=2)
+    run = dict(factor=2, method="calid", weights=tiny_weights_2d, steps=2)
     a = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", seed=1, **run)[1].array
     b = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", seed=1, **run)[1].array
     c = upsample_file(tmp_path / "in.nii.gz", tmp_path / "c.nii.gz", seed=2, **run)[1].array
@@ -148,9 +147,9 @@ def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_wei
         output_path=str(tmp_path / "cfg.nii.gz"),
         factor=2,
         method="calid",
-        num_inference_steps=2,
+        steps=2,
         seed=3,
-        weights_dir=str(tiny_weights_2d),
+        weights=str(tiny_weights_2d),
     )
     wf.initialize()
     wf.run()
@@ -165,8 +164,10 @@ def test_untrained_residual_model_upsamples_as_linear(small_stack, tmp_path):
 
     weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
     write_nifti(small_stack, tmp_path / "in.nii.gz")
-    _, learned, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", 4, method="calid", weights_dir=weights)
-    _, linear, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", 4, method="linear")
+    _, learned, _ = upsample_file(
+        tmp_path / "in.nii.gz", tmp_path / "a.nii.gz", factor=4, method="calid", weights=weights
+    )
+    _, linear, _ = upsample_file(tmp_path / "in.nii.gz", tmp_path / "b.nii.gz", factor=4, method="linear")
     np.testing.assert_allclose(learned.array, linear.array, rtol=0, atol=1e-3)
 
 
@@ -191,10 +192,10 @@ def test_samples_mean_and_std_match_the_draws(small_stack, tmp_path, tiny_weight
     _, mean, _ = upsample_file(
         tmp_path / "in.nii.gz",
         tmp_path / "m.nii.gz",
-        2,
+        factor=2,
         method="calid",
-        weights_dir=tiny_weights_2d,
-        num_inference_steps=2,
+        weights=tiny_weights_2d,
+        steps=2,
         seed=5,
         samples=3,
     )
@@ -261,13 +262,14 @@ def test_constant_and_tiny_stacks_stay_within_the_neighbours_range(tmp_path, tin
 def test_the_progress_bar_counts_only_the_slices_the_model_generates(tmp_path, phantom_subject):
     from conftest import write_tiny_weights
 
-    from bundle.upsample import _make_predictors
+    from bundle.pipeline import BisectionInferer
 
     weights = write_tiny_weights(tmp_path / "w")
     info = json.loads((weights / "model.json").read_text())
     (weights / "model.json").write_text(json.dumps({**info, "fallback_below_mm": 6.0}))
     stack = phantom_subject.sparse  # 8 mm: level 0 by the model, level 1 (4 mm) by flow
     z, t = stack.shape[2:]
-    predictors = _make_predictors("calid", stack, 2, 1, False, 2, 0, "cpu", weights, None, "auto", False)
+    inferer = BisectionInferer(factor=4, method="calid", steps=1, samples=2, weights=str(weights), device="cpu")
+    predictors = inferer.predictors(stack, progress=False)
     assert predictors[0].progress is predictors[1].progress
     assert predictors[0].progress.total == (z - 1) * t * 2  # level 0 only, both samples

@@ -119,14 +119,14 @@ def test_sheared_affine_spacing_along_the_normal_and_consistent_header(tmp_path)
     import nibabel as nib
 
     from bundle.io import write_nifti
-    from bundle.upsample import upsample_file
+    from bundle.pipeline import upsample_file
 
     affine = np.array([[1.5, 0, 12.5, 0], [0, 1.5, 0, 0], [0, 0, 16.0, 0], [0, 0, 0, 1.0]])
     data = np.random.default_rng(0).random((16, 16, 4, 2)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "sheared.nii.gz")
     stack = read_sax(tmp_path / "sheared.nii.gz")
     assert stack.slice_spacing == pytest.approx(16.0)
-    _, dense, _ = upsample_file(tmp_path / "sheared.nii.gz", tmp_path / "x2.nii.gz", 2, method="linear")
+    _, dense, _ = upsample_file(tmp_path / "sheared.nii.gz", tmp_path / "x2.nii.gz", factor=2, method="linear")
     assert dense.slice_spacing == pytest.approx(8.0)
     out = nib.load(tmp_path / "x2.nii.gz")
     sform, scode = out.get_sform(coded=True)

@@ -61,13 +61,16 @@ def test_server_returns_the_dense_volume_with_its_geometry(phantom_dir, tmp_path
                 assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 assert time.time() < deadline, "server did not start in 180 s"
                 time.sleep(1)
-        assert info["models"]["calid_upsample"]["config"] == {
+        assert info["models"]["calid_upsample"]["config"] == {  # the bundle's own names and defaults
             "factor": 4,
-            "steps": 1,
-            "refine": False,
             "method": "flow",
+            "steps": None,
+            "refine": False,
+            "seed": 0,
+            "precision": "auto",
+            "chunk_size": None,
         }
-        params = json.dumps({"factor": 2, "steps": 1, "refine": False})
+        params = json.dumps({"factor": 2, "refine": False})
         data = _post_multipart(f"{base}/infer/calid_upsample?image=study01&output=image", {"params": params}, 600)
         (tmp_path / "dense.nii.gz").write_bytes(data)
     finally:

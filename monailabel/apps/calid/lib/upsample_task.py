@@ -11,22 +11,25 @@ import tempfile
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from bundle.options import as_flag
-from bundle.upsample import upsample_file
+from bundle.options import UpsampleOptions
+from bundle.pipeline import upsample_file
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {"factor": 4, "steps": 1, "refine": False, "method": "flow"}
+# what a client may set per request: the bundle's own option names and defaults (the server
+# chooses the weights and the device; samples would write a second file no one fetches)
+REQUEST_OPTIONS = ("factor", "method", "steps", "refine", "seed", "precision", "chunk_size")
 
 
 class UpsampleTask(InferTask):
     def __init__(self, weights_dir=None, device="auto"):
+        defaults = UpsampleOptions()
         super().__init__(
             type=InferType.OTHERS,
             labels=None,
             dimension=3,
             description="Dense short-axis cine stack by bisection: flow (default), calid or linear midpoints",
-            config=dict(DEFAULTS),
+            config={name: getattr(defaults, name) for name in REQUEST_OPTIONS},
         )
         self.weights_dir = weights_dir
         self.device = device
@@ -35,29 +38,18 @@ class UpsampleTask(InferTask):
         return True
 
     def __call__(self, request):
-        options = {key: request.get(key, default) for key, default in DEFAULTS.items()}
-        factor, steps, refine = int(options["factor"]), int(options["steps"]), as_flag(options["refine"], "refine")
+        values = {name: request[name] for name in REQUEST_OPTIONS if request.get(name) is not None}
+        if values.get("method", "flow") == "calid":
+            values["weights"] = self.weights_dir
+        options = UpsampleOptions.of(**values, device=request.get("device") or self.device)
         handle, output = tempfile.mkstemp(suffix=".nii.gz", prefix="calid_")
         os.close(handle)
         os.remove(output)  # the bundle never writes over an existing file
         image = request["image"]  # a NIfTI file, or a folder of DICOM files (read per TriggerTime)
-        stack, dense, seconds = upsample_file(
-            image,
-            output,
-            factor=factor,
-            method=options["method"],
-            num_inference_steps=steps,
-            refine=refine,
-            device=request.get("device", self.device) or self.device,
-            weights_dir=self.weights_dir,
-            progress=False,
-        )
-        logger.info("upsampled %s x%d in %.1f s: %s -> %s", image, factor, seconds, stack.shape, dense.shape)
+        stack, dense, seconds = upsample_file(image, output, options, progress=False)
+        logger.info("upsampled %s x%d in %.1f s: %s -> %s", image, options.factor, seconds, stack.shape, dense.shape)
         return output, {
-            "factor": factor,
-            "steps": steps,
-            "refine": refine,
-            "method": options["method"],
+            **{name: getattr(options, name) for name in REQUEST_OPTIONS},
             "input_shape": list(stack.shape),
             "shape": list(dense.shape),
             "affine": dense.affine.tolist(),
