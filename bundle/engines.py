@@ -215,7 +215,9 @@ class AutoencoderTrainer(_CaLIDTrainer):
 
 class LatentDiffusionTrainer(_CaLIDTrainer):
     """Stage 2: the frozen VAE encodes s(n); the conditioned denoiser learns the noise added at a
-    random timestep, given the noisy latent and the two neighbours (image space)."""
+    random timestep (epsilon), or the clean latent correction to a base slice (residual), given
+    the noisy latent and the conditioning in image space: the two neighbours, or over flow the
+    warped neighbours, the flow midpoint and its weight, with the midpoint as the base."""
 
     def __init__(
         self, *args, autoencoder, noise_scheduler, latent_scale: LatentScale, prediction=DEFAULT_PREDICTION, **kwargs
@@ -230,11 +232,15 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
 
     def _iteration(self, engine, batchdata):
         image = as_device_tensor(batchdata["image"], self.device)
-        neighbours = as_device_tensor(batchdata["neighbours"], self.device)
+        neighbours = as_device_tensor(batchdata["neighbours"], self.device)  # the conditioning
+        # over flow, items carry the flow midpoint ("base") and the gap between the neighbours
+        base = as_device_tensor(batchdata["base"], self.device) if "base" in batchdata else None
+        extra = {"gap_mm": as_device_tensor(batchdata["gap_mm"], self.device)} if "gap_mm" in batchdata else {}
         with torch.no_grad():
             z0 = self.autoencoder.encode(image)[0].float()
-            if self.prediction == "residual":  # the correction to the latent of the linear blend
-                z0 = z0 - self.autoencoder.encode(neighbours.mean(1, keepdim=True))[0].float()
+            if self.prediction == "residual":  # the correction to the latent of the base slice
+                base = neighbours[:, :2].mean(1, keepdim=True) if base is None else base
+                z0 = z0 - self.autoencoder.encode(base)[0].float()
             if self.latent_scale.value is None:  # first batch of a fresh run
                 self.latent_scale.value = float(1.0 / z0.std().clamp_min(1e-6))
                 logger.info("latent scale factor 1/std(target) = %.5f", self.latent_scale.value)
@@ -244,7 +250,7 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         z_t = self.noise_scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
         self.network.train()
         with self.autocast():
-            out = self.inferer(z_t, self.network, timesteps, neighbours)
+            out = self.inferer(z_t, self.network, timesteps, neighbours, **extra)
             # epsilon: the noise; residual: the clean correction itself (zero at initialisation)
             loss = F.mse_loss(out.float(), z0 if self.prediction == "residual" else noise)
         self._backward_step(loss, self.network, self.optimizer)

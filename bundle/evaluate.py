@@ -31,6 +31,8 @@ from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
 from .options import as_flag
 from .reports import report_markdown
+from .stack import crop_inplane
+from .studies import dicom_folder
 from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
 
@@ -46,14 +48,6 @@ def heart_box(stack, centre_xy=None, heart_mm=HEART_MM):
     x0 = int(np.clip(round(cx) - half[0], 0, max(0, x - 2 * half[0])))
     y0 = int(np.clip(round(cy) - half[1], 0, max(0, y - 2 * half[1])))
     return x0, min(x, x0 + 2 * half[0]), y0, min(y, y0 + 2 * half[1])
-
-
-def lv_centre_from_contours(study_dir):
-    """Mean of the Sunnybrook endocardial contour points, (column, row) = (x, y); None if absent."""
-    files = sorted(Path(study_dir).glob("contours/i-contours/*.txt"))
-    if not files:
-        return None
-    return tuple(np.concatenate([np.loadtxt(f) for f in files]).mean(axis=0))
 
 
 def scores(pred, truth, box):
@@ -211,15 +205,10 @@ def _downstream(segmenter, study, stack, predictions, device):
 def _train_segmenter(studies, iterations, seed, device, out_dir):
     from .downstream import segmentation_examples, train_segmenter
 
-    images, targets = segmentation_examples([(Path(s), read_sax(_dicom_dir(s))) for s in studies])
+    images, targets = segmentation_examples([(Path(s), read_sax(dicom_folder(s))) for s in studies])
     net = train_segmenter(images, targets, iterations=iterations, seed=seed, device=device)
     torch.save(net.state_dict(), Path(out_dir) / "segmenter.pt")
     return net, {"studies": [Path(s).name for s in studies], "slices": len(images), "iterations": int(iterations)}
-
-
-def _dicom_dir(study):
-    study = Path(study)
-    return study / "dicom" if (study / "dicom").is_dir() else study
 
 
 def evaluate(
@@ -241,6 +230,7 @@ def evaluate(
     reference=True,
     labelled_stacks=None,
     heart_mm=HEART_MM,
+    phases=None,
 ):
     """Evaluate every method against the truth: real studies, labelled stacks, phantoms.
 
@@ -270,11 +260,12 @@ def evaluate(
         labelled_stacks: a folder of NAME.nii.gz with NAME_labels.nii.gz (the Sunnybrook ED/ES
             layout): leave-one-out on each, every slice normalised on its own.
         heart_mm: the side of the heart-region square around the LV centre (mm).
+        phases: how many phases of each real study to use, evenly spread (default: every phase).
     """
     from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
     from .preview import save_evaluation_figure
-    from .studies import list_studies, study_name
+    from .studies import list_studies, lv_centre_from_contours, per_slice_normalised_stack, study_name
     from .weights import load_model
 
     def as_list(value):  # the command line gives one study as a string
@@ -315,7 +306,12 @@ def evaluate(
     for study in studies:
         study = Path(study)
         logger.info("leave-one-out on %s", study.name)
-        stack = read_sax(_dicom_dir(study))
+        stack = read_sax(dicom_folder(study))
+        if phases:
+            x, y, _, count = stack.shape
+            kept = np.linspace(0, count - 1, min(int(phases), count)).round().astype(int).tolist()
+            stack = crop_inplane(stack, 0, x, 0, y, phases=kept)
+            report.setdefault("phases", {})[study.name] = kept
         centre = lv_centre_from_contours(study)
         report["real"][study.name], predictions = leave_one_out(
             stack, leave_one_out_predictors(stack), centre, perceptual=perceptual, heart_mm=heart_mm
@@ -348,21 +344,3 @@ def evaluate(
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report))
     return report
-
-
-def per_slice_normalised_stack(path):
-    """A stack whose slices were each windowed on their own (the Sunnybrook ED/ES export), every
-    slice divided by its own 99th percentile so that neighbours share a scale, and the LV centre
-    from ``NAME_labels.nii.gz`` beside it (None without one)."""
-    from .phantom import LABELS_SUFFIX
-
-    stack = read_sax(path)
-    array = stack.array.astype(np.float64)
-    top = np.percentile(array, 99, axis=(0, 1), keepdims=True)
-    stack.array = array / np.maximum(top, 1e-12)
-    labels_path = Path(path).with_name(Path(path).name[: -len(".nii.gz")] + f"{LABELS_SUFFIX}.nii.gz")
-    centre = None
-    if labels_path.exists():
-        lv = np.argwhere(read_sax(labels_path).array[..., 0] > 0)
-        centre = tuple(lv[:, :2].mean(0)) if len(lv) else None
-    return stack, centre

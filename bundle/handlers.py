@@ -99,9 +99,11 @@ def _append_csv(path, row):
 
 class InterpolationValidator:
     """Every ``every_epochs`` epochs, predict the middle slice of fixed validation triplets and
-    report PSNR/SSIM against linear interpolation (and the gain over it) in
-    ``engine.state.metrics``, the log and ``validation.csv``. The predictor is a callable
-    ``neighbours, middle -> prediction`` (network scale). Keeps the weights of the best gain."""
+    report PSNR/SSIM against the baseline the model must beat (the flow midpoint, where items
+    carry it as ``base``; else linear interpolation) and the gain over it, in
+    ``engine.state.metrics``, the log and ``validation.csv``. The predictor is a callable taking
+    a batch dict (``image``, ``neighbours`` and, over flow, ``base`` and ``gap_mm``; network
+    scale) and returning the prediction. Keeps the weights of the best gain."""
 
     def __init__(self, dataset, predictor, output_dir, every_epochs=1, batch_size=8, save_best=None, device="cpu"):
         self.dataset = dataset
@@ -112,6 +114,10 @@ class InterpolationValidator:
         self.save_best = save_best  # callable(path) writing the weights worth keeping
         self.device = torch.device(device)
         self.best_gain = -float("inf")
+
+    @property
+    def baseline(self):
+        return "flow" if len(self.dataset) and "base" in self.dataset[0] else "linear"
 
     def state_dict(self):
         return {"best_gain": self.best_gain}
@@ -127,20 +133,24 @@ class InterpolationValidator:
 
     @torch.no_grad()
     def evaluate(self):
-        scores = {"psnr": [], "ssim": [], "psnr_linear": [], "ssim_linear": []}
+        scores = {"psnr": [], "ssim": [], "psnr_baseline": [], "ssim_baseline": []}
         for start in range(0, len(self.dataset), self.batch_size):
             items = [self.dataset[i] for i in range(start, min(start + self.batch_size, len(self.dataset)))]
-            middle = as_device_tensor(torch.stack([it["image"] for it in items]), self.device)
-            neighbours = as_device_tensor(torch.stack([it["neighbours"] for it in items]), self.device)
-            pred = self.predictor(neighbours, middle).float().clamp(-0.5, 1.5)
-            linear = neighbours.mean(1, keepdim=True)
+            batch = {
+                key: as_device_tensor(torch.stack([torch.as_tensor(it[key]) for it in items]), self.device)
+                for key in ("image", "neighbours", "base", "gap_mm")
+                if key in items[0]
+            }
+            middle = batch["image"]
+            pred = self.predictor(batch).float().clamp(-0.5, 1.5)
+            baseline = batch["base"] if "base" in batch else batch["neighbours"][:, :2].mean(1, keepdim=True)
             scores["psnr"].append(psnr(pred, middle))
             scores["ssim"].append(ssim(pred, middle))
-            scores["psnr_linear"].append(psnr(linear, middle))
-            scores["ssim_linear"].append(ssim(linear, middle))
+            scores["psnr_baseline"].append(psnr(baseline, middle))
+            scores["ssim_baseline"].append(ssim(baseline, middle))
         result = {f"val_{k}": float(torch.cat(v).mean()) for k, v in scores.items()}
-        result["val_gain_db"] = result["val_psnr"] - result["val_psnr_linear"]
-        result["val_gain_ssim"] = result["val_ssim"] - result["val_ssim_linear"]
+        result["val_gain_db"] = result["val_psnr"] - result["val_psnr_baseline"]
+        result["val_gain_ssim"] = result["val_ssim"] - result["val_ssim_baseline"]
         return result
 
     def __call__(self, engine):
@@ -150,13 +160,15 @@ class InterpolationValidator:
         result = self.evaluate()
         engine.state.metrics.update(result)
         logger.info(
-            "validation epoch %d: PSNR %.2f dB (linear %.2f, gain %+.2f), SSIM %.4f (linear %.4f)",
+            "validation epoch %d: PSNR %.2f dB (%s %.2f, gain %+.2f), SSIM %.4f (%s %.4f)",
             engine.state.epoch,
             result["val_psnr"],
-            result["val_psnr_linear"],
+            self.baseline,
+            result["val_psnr_baseline"],
             result["val_gain_db"],
             result["val_ssim"],
-            result["val_ssim_linear"],
+            self.baseline,
+            result["val_ssim_baseline"],
         )
         _append_csv(
             self.output_dir / "validation.csv",
@@ -170,9 +182,9 @@ class InterpolationValidator:
 def reconstruction_predictor(autoencoder):
     """Stage 1 validation: the VAE's reconstruction of the true middle slice (its ceiling)."""
 
-    def predict(neighbours, middle):
+    def predict(batch):
         autoencoder.eval()
-        return autoencoder.reconstruct(middle)
+        return autoencoder.reconstruct(batch["image"])
 
     return predict
 
@@ -184,7 +196,7 @@ def sampler_predictor(
     training noise schedule (``noise_scheduler``; None: the default one). ``latent_scale``: the
     trainer's :class:`bundle.engines.LatentScale` (set by its first batch)."""
 
-    def predict(neighbours, middle):
+    def predict(batch):
         generator = torch.Generator().manual_seed(seed)
         denoiser = ema.module.eval()
         scale = latent_scale.value if latent_scale.value is not None else 1.0
@@ -197,7 +209,7 @@ def sampler_predictor(
             alphas_cumprod=alphas_cumprod,
             prediction=prediction,
         )
-        return sampler(neighbours, generator=generator)
+        return sampler(batch["neighbours"], generator=generator, base=batch.get("base"), gap_mm=batch.get("gap_mm"))
 
     return predict
 

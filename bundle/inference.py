@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .devices import precision_context
-from .motion import FlowMidpoints
+from .motion import FlowMidpoints, flow_conditioning
 from .transforms import SlicePreprocessor, cyclic_frames
 from .weights import CaLIDModel
 
@@ -136,7 +136,11 @@ class LearnedMidpoints:
             stop = min(start + self.chunk_size, len(keys))
             a = self._to_network(items_left[start:stop].float())
             b = self._to_network(items_right[start:stop].float())
-            neighbours = torch.cat([a, b], 1).to(self.device)
+            neighbours, base = torch.cat([a, b], 1).to(self.device), None
+            if self.model.info.base == "flow" and not self.latent_blend:
+                # the model corrects the flow midpoint, seeing the neighbours warped half way
+                neighbours = flow_conditioning(neighbours[:, :1], neighbours[:, 1:])
+                base = neighbours[:, 2:3]
             z_start = None
             if not (self.refine or self.latent_blend):
                 shape = self.sampler.latent_shape(neighbours)[1:]
@@ -150,7 +154,7 @@ class LearnedMidpoints:
                 if self.latent_blend:
                     pred = self.sampler.latent_blend(neighbours, self.latent_blend)
                 else:
-                    pred = self.sampler(neighbours, refine=self.refine, z_start=z_start)
+                    pred = self.sampler(neighbours, refine=self.refine, z_start=z_start, base=base, gap_mm=gap_mm)
             outputs.append(self._from_network(pred.float().cpu(), t=phases))
             if self.progress is not None:
                 self.progress.update(stop - start)

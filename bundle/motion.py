@@ -186,10 +186,11 @@ def _resize_flow(flow, size):
     return F.interpolate(flow, size=tuple(size), mode="bilinear", align_corners=True) * scale.view(1, 2, 1, 1)
 
 
-def flow_midpoint(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings = FlowSettings()):
-    """The motion-compensated slice half way between ``a`` and ``b`` (N, 1, H, W), in their
-    intensities, and the weight (N, 1, H, W) in [0, 1] it gives the motion-compensated value
-    against the linear blend (1 everywhere without a consistency fallback)."""
+def half_way(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings = FlowSettings()):
+    """The two neighbours ``a``, ``b`` (N, 1, H, W) warped half way along their flow, the
+    motion-compensated midpoint in their intensities, and the weight (N, 1, H, W) in [0, 1] it
+    gives the motion-compensated value against the linear blend (1 everywhere without a
+    consistency fallback). Returns (warped a, warped b, midpoint, weight)."""
     a32, b32 = a.float(), b.float()
     flow = midpoint_flow(a32, b32, settings)
     wa, wb = warp(a32, -0.5 * flow), warp(b32, 0.5 * flow)
@@ -203,7 +204,20 @@ def flow_midpoint(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings = Flo
     out = linear + weight * (moved - linear)
     # identical neighbours: that slice, exactly (bilinear sampling at zero flow rounds slightly)
     same = (a32 == b32).flatten(1).all(1).view(-1, 1, 1, 1)
-    return torch.where(same, a32, out), weight
+    return wa, wb, torch.where(same, a32, out), weight
+
+
+def flow_midpoint(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings = FlowSettings()):
+    """The motion-compensated slice half way between ``a`` and ``b`` (N, 1, H, W) and its weight
+    against the linear blend (:func:`half_way`)."""
+    _, _, midpoint, weight = half_way(a, b, settings)
+    return midpoint, weight
+
+
+def flow_conditioning(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings = FlowSettings()) -> torch.Tensor:
+    """What a learned model over flow sees of two neighbours (N, 1, H, W): (N, 4, H, W) = the
+    neighbours warped half way (aligned with the midpoint), the flow midpoint, its weight."""
+    return torch.cat(half_way(a, b, settings), 1)
 
 
 # float32 planes of one pair's size alive at once during the solve: peak memory grew by about

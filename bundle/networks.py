@@ -121,6 +121,8 @@ class ConditionedDenoiser(nn.Module):
         norm_num_groups,
         tau1_channels,
         vae_factor,
+        conditioning_channels=2,
+        gap_classes=0,
     ):
         super().__init__()
         common = dict(
@@ -131,6 +133,8 @@ class ConditionedDenoiser(nn.Module):
             num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,
+            # the gap between the neighbours, in whole mm, embedded and added to the timestep's
+            num_class_embeds=gap_classes or None,
         )
         self.unet = DiffusionModelUNet(out_channels=latent_channels, **common)
         tau1_downsamplings = len(tau1_channels) - 1
@@ -139,26 +143,49 @@ class ConditionedDenoiser(nn.Module):
                 f"tau1 must downsample by the VAE factor {vae_factor}: {len(tau1_channels)} channel entries give "
                 f"{2 ** tau1_downsamplings}"
             )
-        # tau2, with tau1 as its conditioning embedding (2 channels: the two neighbours)
+        # tau2, with tau1 as its conditioning embedding: the two neighbours (2 channels) or, over
+        # flow, the neighbours warped half way, the flow midpoint and its weight (4)
         self.control = ControlNet(
-            conditioning_embedding_in_channels=2, conditioning_embedding_num_channels=list(tau1_channels), **common
+            conditioning_embedding_in_channels=conditioning_channels,
+            conditioning_embedding_num_channels=list(tau1_channels),
+            **common,
         )
         self.vae_factor = vae_factor
         self.latent_channels = latent_channels
+        self.conditioning_channels = conditioning_channels
+        self.gap_classes = gap_classes
+        if gap_classes:  # a warm start or an untrained model ignores the gap until it learns it
+            for embedding in (self.unet.class_embedding, self.control.class_embedding):
+                torch.nn.init.zeros_(embedding.weight)
 
     @property
     def tau1(self):
         return self.control.controlnet_cond_embedding
 
-    def forward(self, z_t, timesteps, neighbours):
+    def gap_class(self, gap_mm, batch, device):
+        """The gap embedding's class of each item: the gap in whole mm, within the table."""
+        if not self.gap_classes:
+            return None
+        gap = torch.as_tensor(0.0 if gap_mm is None else gap_mm, dtype=torch.float32, device=device)
+        return gap.round().clamp(0, self.gap_classes - 1).long().expand(batch)
+
+    def forward(self, z_t, timesteps, neighbours, gap_mm=None):
         expected = tuple(s * self.vae_factor for s in z_t.shape[2:])
-        if tuple(neighbours.shape[2:]) != expected or neighbours.shape[1] != 2:
+        if tuple(neighbours.shape[2:]) != expected or neighbours.shape[1] != self.conditioning_channels:
             raise ValueError(
-                f"neighbours must be (N, 2, {expected}) for latents {tuple(z_t.shape)}, got {tuple(neighbours.shape)}"
+                f"conditioning must be (N, {self.conditioning_channels}, {expected}) for latents {tuple(z_t.shape)}, "
+                f"got {tuple(neighbours.shape)}"
             )
-        down, mid = self.control(x=z_t, timesteps=timesteps, controlnet_cond=neighbours.to(z_t.dtype))
+        labels = self.gap_class(gap_mm, z_t.shape[0], z_t.device)
+        down, mid = self.control(
+            x=z_t, timesteps=timesteps, controlnet_cond=neighbours.to(z_t.dtype), class_labels=labels
+        )
         return self.unet(
-            x=z_t, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid
+            x=z_t,
+            timesteps=timesteps,
+            class_labels=labels,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
         )
 
 
@@ -173,6 +200,8 @@ def build_denoiser(spatial_dims, net: dict):
         norm_num_groups=net["unet_norm_groups"],
         tau1_channels=net["tau1_channels"],
         vae_factor=2 ** (len(net["vae_channels"]) - 1),
+        conditioning_channels=net.get("conditioning_channels", 2),
+        gap_classes=net.get("gap_classes", 0),
     )
 
 
@@ -214,8 +243,10 @@ class CaLIDNetwork(nn.Module):
             prediction=self.prediction,
         )
 
-    def forward(self, neighbours, num_steps=1, refine=False, z_start=None, generator=None):
-        return self.sampler(num_steps)(neighbours, refine=refine, generator=generator, z_start=z_start)
+    def forward(self, neighbours, num_steps=1, refine=False, z_start=None, generator=None, base=None, gap_mm=None):
+        return self.sampler(num_steps)(
+            neighbours, refine=refine, generator=generator, z_start=z_start, base=base, gap_mm=gap_mm
+        )
 
 
 def count_parameters(module: nn.Module) -> int:

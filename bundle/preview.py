@@ -187,7 +187,8 @@ def plot_training_logs(run_dirs, path, title=""):
             rows = read(run / "validation.csv")
             it = [float(r["iteration"]) for r in rows]
             psnr[f"{run.name} PSNR"] = (it, [float(r["val_psnr"]) for r in rows])
-            psnr["linear PSNR"] = (it, [float(r["val_psnr_linear"]) for r in rows])
+            baseline = "val_psnr_baseline" if "val_psnr_baseline" in rows[0] else "val_psnr_linear"  # older logs
+            psnr["baseline PSNR"] = (it, [float(r[baseline]) for r in rows])
     a = plot_curves(losses, Path(path).with_suffix(".loss.png"), title=f"{title} training loss")
     b = plot_curves(psnr, Path(path).with_suffix(".val.png"), title=f"{title} validation PSNR (dB)")
     images = [Image.open(a), Image.open(b)]

@@ -110,10 +110,10 @@ class SliceSampler:
     with the same conditioning; otherwise from seeded Gaussian noise.
 
     ``prediction``: ``"epsilon"`` (the paper: the denoiser predicts the noise of the middle
-    slice's latent) or ``"residual"`` (a correction to linear interpolation: the denoiser
-    predicts the clean latent *difference* r = z(s(n)) - z(blend), blend the mean of the
-    neighbours, and the slice is ``blend + D(z(blend) + r) - D(z(blend))``, so that errors the
-    VAE makes on both cancel; a zero-initialised output gives linear interpolation exactly).
+    slice's latent) or ``"residual"`` (a correction to a base slice: the denoiser predicts the
+    clean latent *difference* r = z(s(n)) - z(base), base the mean of the neighbours or, over
+    flow, the flow midpoint, and the slice is ``base + D(z(base) + r) - D(z(base))``, so that
+    errors the VAE makes on both cancel; a zero-initialised output gives the base exactly).
     """
 
     def __init__(
@@ -130,10 +130,12 @@ class SliceSampler:
             alphas_cumprod = make_noise_scheduler().alphas_cumprod
         self.ddim = DDIM(alphas_cumprod, num_steps)
 
-    def _eps_fn(self, neighbours):
+    def _eps_fn(self, neighbours, gap_mm=None):
+        extra = {} if gap_mm is None else {"gap_mm": gap_mm}  # for denoisers that embed the gap
+
         def eps(z, t):
             timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            out = self.denoiser(z, timesteps, neighbours)
+            out = self.denoiser(z, timesteps, neighbours, **extra)
             return self.ddim.eps_from_x0(z, out, t) if self.prediction == "residual" else out
 
         return eps
@@ -152,25 +154,28 @@ class SliceSampler:
     def latent_blend(self, neighbours, how="linear"):
         """Baselines without the denoiser: decode the linear (or spherical) mean of the
         neighbours' latents."""
-        left, right = self.encode(neighbours[:, :1]), self.encode(neighbours[:, 1:])
+        left, right = self.encode(neighbours[:, :1]), self.encode(neighbours[:, 1:2])
         return self.decode(0.5 * (left + right) if how == "linear" else slerp(left, right, 0.5))
 
     @torch.no_grad()
-    def __call__(self, neighbours, refine=False, generator=None, z_start=None):
-        """``z_start`` (per-item noise) makes results independent of batching; without it,
-        noise is drawn from ``generator``."""
-        eps_fn = self._eps_fn(neighbours)
-        blend, base = None, 0.0
+    def __call__(self, neighbours, refine=False, generator=None, z_start=None, base=None, gap_mm=None):
+        """``neighbours``: the conditioning, whose first two channels are the two neighbours
+        (over flow: warped half way). ``base`` (N, 1, ...): the slice a residual model corrects
+        (default: the neighbours' mean). ``z_start`` (per-item noise) makes results independent
+        of batching; without it, noise is drawn from ``generator``. ``gap_mm``: the distance
+        between the neighbours, for denoisers that embed it."""
+        eps_fn = self._eps_fn(neighbours, gap_mm)
+        blend, z_base = None, 0.0
         if self.prediction == "residual":
-            blend = neighbours.mean(1, keepdim=True)
-            base = self.encode(blend)
+            blend = neighbours[:, :2].mean(1, keepdim=True) if base is None else base.to(neighbours.dtype)
+            z_base = self.encode(blend)
         if refine:
-            left = self.encode(neighbours[:, :1]) - base
-            right = self.encode(neighbours[:, 1:]) - base
+            left = self.encode(neighbours[:, :1]) - z_base
+            right = self.encode(neighbours[:, 1:2]) - z_base
             z_start = slerp(self.ddim.invert(eps_fn, left), self.ddim.invert(eps_fn, right), 0.5)
         elif z_start is None:
             z_start = torch.randn(self.latent_shape(neighbours), generator=generator).to(neighbours.device)
         z0 = self.ddim.sample(eps_fn, z_start.to(neighbours.device, neighbours.dtype))
         if self.prediction == "residual":
-            return blend + self.decode(base + z0) - self.decode(base)
+            return blend + self.decode(z_base + z0) - self.decode(z_base)
         return self.decode(z0)

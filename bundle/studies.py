@@ -10,8 +10,8 @@ import numpy as np
 
 from .dicom import dicom_candidates
 from .errors import InputRefused
-from .io import NIFTI_SUFFIXES
-from .phantom import COMPANION_SUFFIXES
+from .io import NIFTI_SUFFIXES, read_sax
+from .phantom import COMPANION_SUFFIXES, LABELS_SUFFIX
 
 DATALIST_KEYS = ("testing", "validation", "training")
 
@@ -102,3 +102,33 @@ def batch_inputs(source, key=None):
                 raise InputRefused(f"{source} has none of the lists {', '.join(DATALIST_KEYS)}")
         return sorted(load_datalist(source, key=key))
     return sorted(find_studies(dataset_dir=source))
+
+
+def lv_centre_from_contours(study_dir):
+    """Mean of the Sunnybrook endocardial contour points, (column, row) = (x, y); None if absent."""
+    files = sorted(Path(study_dir).glob("contours/i-contours/*.txt"))
+    if not files:
+        return None
+    return tuple(np.concatenate([np.loadtxt(f) for f in files]).mean(axis=0))
+
+
+def per_slice_normalised_stack(path):
+    """A stack whose slices were each windowed on their own (the Sunnybrook ED/ES export), every
+    slice divided by its own 99th percentile so that neighbours share a scale, and the LV centre
+    from ``NAME_labels.nii.gz`` beside it (None without one)."""
+    stack = read_sax(path)
+    array = stack.array.astype(np.float64)
+    top = np.percentile(array, 99, axis=(0, 1), keepdims=True)
+    stack.array = array / np.maximum(top, 1e-12)
+    labels_path = Path(path).with_name(Path(path).name[: -len(".nii.gz")] + f"{LABELS_SUFFIX}.nii.gz")
+    centre = None
+    if labels_path.exists():
+        lv = np.argwhere(read_sax(labels_path).array[..., 0] > 0)
+        centre = tuple(lv[:, :2].mean(0)) if len(lv) else None
+    return stack, centre
+
+
+def dicom_folder(study) -> Path:
+    """A Sunnybrook study's images: ``STUDY/dicom`` when it has one (beside ``contours/``), else ``STUDY``."""
+    study = Path(study)
+    return study / "dicom" if (study / "dicom").is_dir() else study

@@ -25,6 +25,8 @@ from .transforms import SlicePreprocessor
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
 WEIGHT_FILES = ("model.pt", "model.json")
 STAGES = ("autoencoder", "diffusion", "model")
+BASES = ("linear", "flow")
+CONDITIONING_CHANNELS = {"linear": 2, "flow": 4}  # the neighbours; or warped neighbours, midpoint, weight
 # gaps are compared with this tolerance relative to the limit: real spacings come out as
 # 15.9999 mm where the protocol says 16
 GAP_TOLERANCE = 0.01
@@ -44,10 +46,14 @@ class ModelInfo:
     preset: str | None = None
     latent_scale: float | None = None  # 1 / std of the training latents (diffusion and model)
     prediction: str = DEFAULT_PREDICTION
+    # the slice a residual model corrects: "linear" (the neighbours' mean) or "flow" (the flow
+    # midpoint; the model then sees the neighbours warped half way, the midpoint and its weight)
+    base: str = "linear"
     noise_schedule: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NOISE_SCHEDULE))
     model_spacing: float | None = None  # in-plane mm the networks were trained at (None: native)
     trained_on: list | None = None
     autoencoder_trained_on: list | None = None
+    trained_gaps_mm: list | None = None  # [narrowest, widest] distance between training neighbours
     steps: int = 8  # DDIM steps when none are asked for
     # below this distance between neighbours (mm) the model was not measured to beat the fallback
     fallback_below_mm: float | None = None
@@ -84,6 +90,13 @@ class ModelInfo:
             refuse(f"names preset {self.preset!r}, which does not exist; presets: {', '.join(PRESETS)}")
         if self.prediction not in PREDICTIONS:
             refuse(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.base not in BASES:
+            refuse(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+        if self.base == "flow" and (self.prediction != "residual" or self.spatial_dims != 2):
+            refuse("base flow needs prediction residual and spatial_dims 2 (2D+T over flow is not built)")
+        channels = self.net.get("conditioning_channels", 2)
+        if channels != CONDITIONING_CHANNELS[self.base]:
+            refuse(f"base {self.base} conditions on {CONDITIONING_CHANNELS[self.base]} channels, net says {channels}")
         if self.latent_scale is not None and not _positive(self.latent_scale):
             refuse(f"latent_scale must be a positive number, got {self.latent_scale!r}")
         if not (isinstance(self.steps, int) and 1 <= self.steps <= MAX_STEPS):
@@ -176,6 +189,48 @@ def init_weights(network, path=None):
             state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
         network.load_state_dict(state)
     return network
+
+
+def warm_start_over_flow(network, path):
+    """Warm-start a denoiser over flow from one trained over linear interpolation (``model.pt``
+    or a diffusion state dict): every tensor that fits is copied; tau1's first convolution gets
+    the old neighbour filters for the warped neighbours and zeros for the midpoint and its
+    weight; the gap embeddings stay zero; the U-Net's output convolution is zeroed, so the
+    warm-started model returns the flow midpoint exactly until it learns a correction."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith("denoiser.") for k in state):
+        state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
+    own = network.state_dict()
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if target.shape == value.shape:
+            target.copy_(value.float())
+        elif target.dim() == value.dim() and target.shape[:1] + target.shape[2:] == value.shape[:1] + value.shape[2:]:
+            target.zero_()[:, : value.shape[1]] = value.float()  # more input channels: the new ones start at zero
+    for key in own:
+        if key.startswith("unet.out.") and "conv" in key:
+            own[key].zero_()
+    network.load_state_dict(own)
+    return network
+
+
+def extract_autoencoder(model_dir, out_path) -> Path:
+    """The VAE of an exported model folder as a training stage's ``autoencoder.pt`` + record,
+    so that a new diffusion stage can be trained on (and exported with) that frozen VAE."""
+    folder = check_weights(model_dir)
+    info = ModelInfo.read(folder / "model.json")
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    vae = {k[len("autoencoder.") :]: v.float() for k, v in state.items() if k.startswith("autoencoder.")}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, lambda tmp: torch.save(vae, tmp))
+    trained_on = info.autoencoder_trained_on or info.trained_on
+    ModelInfo("autoencoder", info.spatial_dims, info.net, preset=info.preset, trained_on=trained_on).write(
+        out_path.with_suffix(".json")
+    )
+    return out_path
 
 
 def warm_start_latent_scale(weights_path=None):

@@ -131,8 +131,8 @@ def test_leave_one_out_tells_predictors_their_neighbours_are_two_slices_apart(ph
 def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tmp_path):
     """The Sunnybrook ED/ES layout (NAME.nii.gz + NAME_labels.nii.gz, each image windowed on its
     own): every slice is rescaled to its own 99th percentile before any method sees it."""
-    from bundle.evaluate import per_slice_normalised_stack
     from bundle.io import write_nifti
+    from bundle.studies import per_slice_normalised_stack
 
     s = phantom_subject
     uneven = s.sparse.array[..., :1] * np.array([1.0, 3.0, 0.5, 2.0, 1.0, 4.0])[None, None, :, None]

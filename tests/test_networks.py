@@ -56,9 +56,9 @@ def test_conditioning_adds_exactly_nothing_at_init(spatial_dims, size):
 
 def test_shape_mismatch_is_an_error_not_a_resize():
     _, _, denoiser = tiny_networks(2)
-    with pytest.raises(ValueError, match="neighbours must be"):
+    with pytest.raises(ValueError, match="conditioning must be"):
         denoiser(torch.randn(1, 2, 8, 8), torch.tensor([5]), torch.rand(1, 2, 30, 32))
-    with pytest.raises(ValueError, match="neighbours must be"):
+    with pytest.raises(ValueError, match="conditioning must be"):
         denoiser(torch.randn(1, 2, 8, 8), torch.tensor([5]), torch.rand(1, 3, 32, 32))
 
 

@@ -90,6 +90,12 @@ import json, sys, torch, monai.bundle
 from pathlib import Path
 name, bundle_dir, zip_path = sys.argv[1:4]
 monai.bundle.download(name, url="file://" + zip_path, bundle_dir=bundle_dir, progress=False)
+# as on a machine without this checkout: no editable install, and another project's `bundle`
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+decoy = Path(bundle_dir) / "decoy"
+(decoy / "bundle").mkdir(parents=True)
+(decoy / "bundle" / "__init__.py").write_text("raise ImportError('the decoy was imported')")
+sys.path.append(str(decoy))
 sys.path.insert(0, str(Path(bundle_dir) / name))  # the configs import the bundle's own package
 import bundle
 net = monai.bundle.load(name, bundle_dir=bundle_dir, workflow_type="inference", device="cpu").eval()
@@ -105,8 +111,9 @@ print(json.dumps({"bundle_package": bundle.__file__, "type": type(net).__name__}
 
 def test_download_and_load_like_a_zoo_user(zoo_zip, tmp_path):
     """monai.bundle.download(url=file://...) then monai.bundle.load(workflow_type="inference"),
-    in a fresh process whose `bundle` package comes from the unpacked zip, not this checkout
-    (the bundle folder goes first on sys.path, as for any zoo bundle with code)."""
+    in a fresh process without this checkout's editable install and with another project's
+    `bundle` package on sys.path: the bundle folder goes first on sys.path (as for any zoo
+    bundle with code, and as `monai.bundle run` does itself), and its own package is used."""
     from bundle.weights import load_model
 
     out, _ = zoo_zip

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle.evaluate import lv_centre_from_contours
 from bundle.io import read_sax, write_nifti
 from bundle.stack import crop_inplane
+from bundle.studies import lv_centre_from_contours
 
 HALF = 48
 

@@ -1,0 +1,161 @@
+"""The learned model over flow: formulation, gap embedding, warm start, triplets, training config."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from bundle.errors import InputRefused
+from bundle.inference import LearnedMidpoints
+from bundle.motion import FlowMidpoints, flow_conditioning
+from bundle.networks import CaLIDNetwork, preset
+from bundle.upsample import upsample_stack
+from bundle.weights import CaLIDModel, ModelInfo, export_model, load_model, save_weights, warm_start_over_flow
+
+
+def over_flow_info(**changes):
+    net = dict(preset("tiny"), conditioning_channels=4, gap_classes=64)
+    return ModelInfo("model", 2, net, preset="tiny", latent_scale=1.3, base="flow", **changes)
+
+
+def test_an_untrained_model_over_flow_returns_the_flow_midpoint_through_the_pipeline(phantom_subject):
+    """The denoiser's output starts at zero: the residual over flow is zero, the slice is the
+    flow midpoint exactly (up to float rounding), at every level of a x4 bisection."""
+    torch.manual_seed(0)
+    info = over_flow_info()
+    model = CaLIDModel(CaLIDNetwork.from_info(info).eval(), info, "untrained")
+    stack = phantom_subject.sparse
+    learned = upsample_stack(stack, 4, LearnedMidpoints(model, model.preprocessor(stack), num_steps=2, fallback=False))
+    flow = upsample_stack(stack, 4, FlowMidpoints())
+    np.testing.assert_allclose(learned.array, flow.array, rtol=0, atol=1e-3 * np.abs(flow.array).max())
+
+
+def test_the_gap_is_embedded_like_the_timestep():
+    torch.manual_seed(0)
+    network = CaLIDNetwork.from_info(over_flow_info())
+    denoiser = network.denoiser
+    assert denoiser.gap_class(16.4, 3, "cpu").tolist() == [16, 16, 16]
+    assert denoiser.gap_class(torch.tensor([2.0, 99.0]), 2, "cpu").tolist() == [2, 63]  # clamped to the table
+    for embedding in (denoiser.unet.class_embedding, denoiser.control.class_embedding):
+        assert torch.count_nonzero(embedding.weight) == 0  # an untrained model ignores the gap
+        torch.nn.init.normal_(embedding.weight)
+    with torch.no_grad():  # the zero-initialised convolutions (the U-Net's output, each block's last) perturbed
+        for p in denoiser.parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(std=0.1)
+    z, cond = torch.randn(1, 2, 8, 8), torch.rand(1, 4, 32, 32)
+    t = torch.tensor([10])
+    assert not torch.allclose(denoiser(z, t, cond, gap_mm=4.0), denoiser(z, t, cond, gap_mm=16.0))
+    with pytest.raises(ValueError, match="conditioning must be"):
+        denoiser(z, t, cond[:, :2], gap_mm=4.0)
+
+
+def test_model_info_refuses_an_inconsistent_model_over_flow():
+    net = dict(preset("tiny"), conditioning_channels=4)
+    with pytest.raises(InputRefused, match="needs prediction residual"):
+        ModelInfo.from_dict({"spatial_dims": 2, "net": net, "base": "flow", "prediction": "epsilon"})
+    with pytest.raises(InputRefused, match="conditions on 4 channels, net says 2"):
+        ModelInfo.from_dict({"spatial_dims": 2, "net": preset("tiny"), "base": "flow"})
+    with pytest.raises(InputRefused, match="base must be one of"):
+        ModelInfo.from_dict({"spatial_dims": 2, "net": net, "base": "tvl1"})
+
+
+def test_warm_start_over_flow_keeps_what_fits_and_starts_at_the_flow_midpoint(tmp_path):
+    from conftest import write_tiny_weights
+
+    old = load_model(write_tiny_weights(tmp_path / "old", prediction="residual"))
+    network = CaLIDNetwork.from_info(over_flow_info())
+    warm_start_over_flow(network.denoiser, tmp_path / "old" / "model.pt")
+    old_state, new_state = old.network.denoiser.state_dict(), network.denoiser.state_dict()
+    key = "control.controlnet_cond_embedding.conv_in.conv.weight"
+    assert torch.equal(new_state[key][:, :2], old_state[key]) and not new_state[key][:, 2:].any()
+    key = "unet.down_blocks.0.resnets.0.conv1.conv.weight"
+    assert torch.equal(new_state[key], old_state[key])
+    assert not any(v.any() for k, v in new_state.items() if k.startswith("unet.out.") and "conv" in k)
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    cond = flow_conditioning(a, b)
+    out = network.eval()(cond, num_steps=1, base=cond[:, 2:3], gap_mm=8.0, z_start=torch.randn(2, 2, 8, 8))
+    torch.testing.assert_close(out, cond[:, 2:3], rtol=0, atol=1e-5)
+
+
+def test_a_model_over_flow_exports_loads_and_falls_back_like_any_other(tmp_path, phantom_subject):
+    torch.manual_seed(0)
+    info = over_flow_info()
+    network = CaLIDNetwork.from_info(info)
+    for p in network.denoiser.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # a correction that is not zero
+    save_weights(network.autoencoder, tmp_path / "autoencoder.pt", info.updated(stage="autoencoder"))
+    save_weights(network.denoiser, tmp_path / "diffusion.pt", info.updated(stage="diffusion"))
+    folder = export_model(tmp_path / "autoencoder.pt", tmp_path / "diffusion.pt", tmp_path / "model", half=False)
+    model = load_model(folder)
+    assert model.info.base == "flow" and model.info.net["conditioning_channels"] == 4
+    stack = phantom_subject.sparse
+    learned = upsample_stack(stack, 2, LearnedMidpoints(model, model.preprocessor(stack), num_steps=1))
+    flow = upsample_stack(stack, 2, FlowMidpoints())
+    assert not np.allclose(learned.array, flow.array, atol=1e-3)
+    np.testing.assert_array_equal(learned.array[:, :, ::2], stack.array)
+
+
+def test_triplets_at_every_gap_from_each_source(tmp_path, phantom_subject):
+    from bundle.flow_triplets import FlowTriplets, collect, phantom_triplets, stack_triplets
+
+    slices = np.random.default_rng(0).random((7, 3, 32, 32)).astype(np.float32)
+    part = stack_triplets(slices, 8.0, "s", gaps=(1, 2))
+    assert len(part.gap_mm) == (5 + 3) * 3 and sorted(set(part.gap_mm.tolist())) == [16.0, 32.0]
+    torch.testing.assert_close(part.middle[0, 0], torch.from_numpy(slices[1, 0]))
+    torch.testing.assert_close(part.left[-1, 0], torch.from_numpy(slices[2, 2]))  # gap 2, n = 4, last phase
+    small = phantom_triplets(1, half_gaps=(1, 4), phases=2, size=48)
+    assert sorted(set(small.gap_mm.tolist())) == [2.0, 8.0]
+    data = collect([part, small])  # different slice sizes: fitted to the first's
+    assert data["neighbours"].shape[1:] == (4, 32, 32) and len(data["gap_mm"]) == len(part.gap_mm) + len(small.gap_mm)
+    fixed = FlowTriplets(data, size=(16, 16), augment=False)[0]
+    torch.testing.assert_close(fixed["base"], fixed["neighbours"][2:3])
+    assert fixed["image"].shape == (1, 16, 16) and fixed["gap_mm"] == 16.0
+    swapped = FlowTriplets({k: v[:1] for k, v in data.items()}, size=(32, 32), augment=True, seed=3)
+    for _ in range(8):  # whatever the augmentation, the midpoint channel is the base
+        item = swapped[0]
+        torch.testing.assert_close(item["base"], item["neighbours"][2:3])
+
+
+def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
+    """configs/train_diffusion_flow.json on a tiny preset and a phantom: one epoch, validation
+    against flow, export of a model over flow that loads."""
+    from monai.bundle import ConfigWorkflow
+
+    residual = write_residual_tiny_weights(tmp_path / "warm")
+    configs = [str(ROOT / "configs" / name) for name in ("train_autoencoder.json", "train_diffusion.json")]
+    configs.append(str(ROOT / "configs" / "train_diffusion_flow.json"))
+    wf = ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(ROOT),
+        preset="tiny",
+        device="cpu",
+        output_dir=str(tmp_path / "run"),
+        vae_from=str(residual),
+        init_weights=str(residual / "model.pt"),
+        train_studies=[],
+        train_labelled=[],
+        val_labelled=[],
+        phantom_seeds=[5],
+        phantom_size=48,
+        val_parts="$[bundle.flow_triplets.phantom_triplets(6, half_gaps=(2,), phases=2, size=48)]",
+        max_epochs=1,
+        batch_size=8,
+    )
+    wf.initialize()
+    wf.run()
+    rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,iteration,val_psnr") and "val_psnr_baseline" in rows[0] and len(rows) == 3
+    model = load_model(tmp_path / "run" / "model")
+    assert model.info.base == "flow" and model.info.trained_gaps_mm == [2.0, 8.0]
+    assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["trained_on"] == ["phantom 5"]
+
+
+def write_residual_tiny_weights(folder):
+    from conftest import write_tiny_weights
+
+    return write_tiny_weights(folder, prediction="residual")
