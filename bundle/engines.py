@@ -220,9 +220,21 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
     warped neighbours, the flow midpoint and its weight, with the midpoint as the base."""
 
     def __init__(
-        self, *args, autoencoder, noise_scheduler, latent_scale: LatentScale, prediction=DEFAULT_PREDICTION, **kwargs
+        self,
+        *args,
+        autoencoder,
+        noise_scheduler,
+        latent_scale: LatentScale,
+        prediction=DEFAULT_PREDICTION,
+        mean_fraction=0.0,
+        **kwargs,
     ):
+        """``mean_fraction``: the share of each batch trained at the deterministic start of a
+        residual model (``start`` "mean": the latent zero at the last timestep), so that its
+        one-step sample learns the conditional mean of the correction directly; the rest of the
+        batch is noised at random timesteps as usual (multi-step and noise sampling keep working)."""
         super().__init__(*args, **kwargs)
+        self.mean_fraction = float(mean_fraction)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
@@ -248,6 +260,10 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (z0.shape[0],), device=self.device)
         z_t = self.noise_scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
+        at_start = int(round(self.mean_fraction * z0.shape[0])) if self.prediction == "residual" else 0
+        if at_start:  # the first items: where a "mean"-start sample begins
+            z_t[:at_start] = 0.0
+            timesteps[:at_start] = self.noise_scheduler.num_train_timesteps - 1
         self.network.train()
         with self.autocast():
             out = self.inferer(z_t, self.network, timesteps, neighbours, **extra)

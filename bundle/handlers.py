@@ -190,11 +190,19 @@ def reconstruction_predictor(autoencoder):
 
 
 def sampler_predictor(
-    autoencoder, ema, latent_scale, num_steps=8, seed=0, prediction=DEFAULT_PREDICTION, noise_scheduler=None
+    autoencoder,
+    ema,
+    latent_scale,
+    num_steps=8,
+    seed=0,
+    prediction=DEFAULT_PREDICTION,
+    noise_scheduler=None,
+    start="noise",
 ):
-    """Stage 2 validation: DDIM from seeded noise with the EMA denoiser, neighbours only, on the
-    training noise schedule (``noise_scheduler``; None: the default one). ``latent_scale``: the
-    trainer's :class:`bundle.engines.LatentScale` (set by its first batch)."""
+    """Stage 2 validation: DDIM with the EMA denoiser from seeded noise (or from zero, ``start``
+    ``"mean"``, as the model will sample), neighbours only, on the training noise schedule
+    (``noise_scheduler``; None: the default one). ``latent_scale``: the trainer's
+    :class:`bundle.engines.LatentScale` (set by its first batch)."""
 
     def predict(batch):
         generator = torch.Generator().manual_seed(seed)
@@ -209,7 +217,9 @@ def sampler_predictor(
             alphas_cumprod=alphas_cumprod,
             prediction=prediction,
         )
-        return sampler(batch["neighbours"], generator=generator, base=batch.get("base"), gap_mm=batch.get("gap_mm"))
+        cond = batch["neighbours"]
+        z_start = torch.zeros(sampler.latent_shape(cond), device=cond.device) if start == "mean" else None
+        return sampler(cond, generator=generator, z_start=z_start, base=batch.get("base"), gap_mm=batch.get("gap_mm"))
 
     return predict
 

@@ -142,7 +142,9 @@ class LearnedMidpoints:
                 neighbours = flow_conditioning(neighbours[:, :1], neighbours[:, 1:])
                 base = neighbours[:, 2:3]
             z_start = None
-            if not (self.refine or self.latent_blend):
+            if self.model.info.start == "mean" and not (self.refine or self.latent_blend):
+                z_start = torch.zeros(self.sampler.latent_shape(neighbours))  # the model's mean estimate
+            elif not (self.refine or self.latent_blend):
                 shape = self.sampler.latent_shape(neighbours)[1:]
                 z_start = torch.stack(
                     [

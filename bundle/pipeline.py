@@ -97,8 +97,11 @@ class BisectionInferer(Inferer):
             )
             return [FlowMidpoints(device=device, progress=bar)]
         model = model if model is not None else load_model(opts.weights, device=device)
-        if opts.refine and opts.samples > 1:
-            logger.warning("--refine starts every sample from the same inverted latents: the samples are identical")
+        if opts.samples > 1 and (opts.refine or model.info.start == "mean"):
+            logger.warning(
+                "--samples: every sample starts from the same latents (--refine inverts the neighbours; this model "
+                "starts from the prior's mean, start in model.json): the samples are identical"
+            )
         pre = model.preprocessor(stack)
         fallback = FlowMidpoints(device=device)  # one for all samples: flow has one answer
         predictors = [

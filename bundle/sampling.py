@@ -98,6 +98,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5, eps: float = 1e-
 
 PREDICTIONS = ("epsilon", "residual")
 DEFAULT_PREDICTION = "residual"  # the shipped formulation: a correction that starts at zero
+# where DDIM starts: seeded Gaussian noise (a sample), or the prior's mean, zero (deterministic:
+# the model's mean estimate, which scores higher PSNR than a sample)
+STARTS = ("noise", "mean")
 # DDIM cannot take more steps than the schedule has timesteps (a longer schedule records its own)
 MAX_STEPS = NUM_TRAIN_TIMESTEPS
 

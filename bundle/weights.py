@@ -19,7 +19,14 @@ from .devices import unwrap
 from .errors import InputRefused
 from .io import atomic_write
 from .networks import PRESETS, CaLIDNetwork
-from .sampling import DEFAULT_NOISE_SCHEDULE, DEFAULT_PREDICTION, MAX_STEPS, PREDICTIONS, make_noise_scheduler
+from .sampling import (
+    DEFAULT_NOISE_SCHEDULE,
+    DEFAULT_PREDICTION,
+    MAX_STEPS,
+    PREDICTIONS,
+    STARTS,
+    make_noise_scheduler,
+)
 from .transforms import SlicePreprocessor
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -49,6 +56,7 @@ class ModelInfo:
     # the slice a residual model corrects: "linear" (the neighbours' mean) or "flow" (the flow
     # midpoint; the model then sees the neighbours warped half way, the midpoint and its weight)
     base: str = "linear"
+    start: str = "noise"  # where DDIM starts: seeded noise, or zero ("mean": deterministic)
     noise_schedule: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NOISE_SCHEDULE))
     model_spacing: float | None = None  # in-plane mm the networks were trained at (None: native)
     trained_on: list | None = None
@@ -90,6 +98,8 @@ class ModelInfo:
             refuse(f"names preset {self.preset!r}, which does not exist; presets: {', '.join(PRESETS)}")
         if self.prediction not in PREDICTIONS:
             refuse(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.start not in STARTS:
+            refuse(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.base not in BASES:
             refuse(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.base == "flow" and (self.prediction != "residual" or self.spatial_dims != 2):

@@ -159,3 +159,61 @@ def write_residual_tiny_weights(folder):
     from conftest import write_tiny_weights
 
     return write_tiny_weights(folder, prediction="residual")
+
+
+def test_a_model_that_starts_from_the_mean_is_deterministic(phantom_subject):
+    """start "mean": DDIM from the prior's mean (zero), the model's mean estimate; seeds do not matter."""
+    torch.manual_seed(0)
+    info = over_flow_info(start="mean")
+    network = CaLIDNetwork.from_info(info).eval()
+    for p in network.denoiser.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model = CaLIDModel(network, info, "test")
+    stack = phantom_subject.sparse
+    runs = [
+        upsample_stack(stack, 2, LearnedMidpoints(model, model.preprocessor(stack), num_steps=1, seed=s)).array
+        for s in (0, 1)
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    with pytest.raises(InputRefused, match="start must be one of"):
+        ModelInfo.from_dict({**over_flow_info().to_dict(), "start": "median"})
+
+
+def test_mean_fraction_trains_the_deterministic_start():
+    """The first mean_fraction of each batch is trained where a "mean"-start sample begins:
+    the latent zero at the last timestep; the rest is noised at random timesteps."""
+    from bundle.engines import LatentDiffusionTrainer, LatentScale
+    from bundle.networks import build_autoencoder
+    from bundle.sampling import make_noise_scheduler
+
+    torch.manual_seed(0)
+    info = over_flow_info()
+    network = CaLIDNetwork.from_info(info)
+    seen = {}
+
+    def recording_inferer(z_t, net, timesteps, conditioning, **extra):
+        seen.update(z_t=z_t.clone(), timesteps=timesteps.clone(), gap_mm=extra.get("gap_mm"))
+        return net(z_t, timesteps, conditioning, **extra)
+
+    net = info.net
+    vae = build_autoencoder(
+        2, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
+    )
+    trainer = LatentDiffusionTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[],
+        network=network.denoiser,
+        optimizer=torch.optim.Adam(network.denoiser.parameters(), 1e-4),
+        inferer=recording_inferer,
+        autoencoder=vae,
+        noise_scheduler=make_noise_scheduler(),
+        latent_scale=LatentScale(1.0),
+        mean_fraction=0.5,
+    )
+    a, b = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+    cond = flow_conditioning(a, b)
+    batch = {"image": a, "neighbours": cond, "base": cond[:, 2:3], "gap_mm": torch.full((4,), 16.0)}
+    trainer._iteration(trainer, batch)
+    assert seen["timesteps"][:2].tolist() == [999, 999] and not seen["z_t"][:2].any()
+    assert seen["z_t"][2:].abs().sum() > 0 and seen["gap_mm"].tolist() == [16.0] * 4

@@ -211,3 +211,16 @@ def test_the_zoo_ci_verifies_the_network_input_and_output():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "verified with no error" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_the_version_is_written_once():
+    """configs/metadata.json holds the version; setup.cfg repeats it (checked here) and the MONAI
+    Label app reads it from there."""
+    import configparser
+
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["metadata"]["version"] == meta["version"] and meta["version"] in meta["changelog"]
+    app = (ROOT / "monailabel" / "apps" / "calid" / "main.py").read_text()
+    assert 'version=json.loads(Path(BUNDLE_ROOT, "configs", "metadata.json")' in app

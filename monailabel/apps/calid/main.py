@@ -4,6 +4,7 @@ Conf (``--conf KEY VALUE``): ``weights`` (a folder with model.pt and model.json;
 bundle's models/), ``device`` (auto, cpu, cuda).
 """
 
+import json
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ class MyApp(MONAILabelApp):
             conf=conf,
             name="CaLID cardiac slice interpolation",
             description="Dense short-axis cine MRI from a sparse stack (CaLID bundle)",
-            version="0.3.0",
+            version=json.loads(Path(BUNDLE_ROOT, "configs", "metadata.json").read_text())["version"],
         )
 
     def init_infers(self):
