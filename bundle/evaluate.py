@@ -286,9 +286,9 @@ def evaluate(
         "steps": steps,
         "heart_mm": float(heart_mm),
         "weights": str(weights),
-        "trained_on": getattr(model, "trained_on", None),
+        "trained_on": model.info.trained_on if model else None,
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
-        "fallback_below_mm": getattr(model, "fallback_below_mm", None) if fallback else None,
+        "fallback_below_mm": model.info.fallback_below_mm if model and fallback else None,
         "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},

@@ -55,7 +55,7 @@ def write_tiny_weights(folder, spatial_dims=2, seed=0, prediction="epsilon", per
         for p in denoiser.parameters():
             if perturb and p.dim() > 1 and torch.count_nonzero(p) == 0:
                 p.normal_(std=0.05)
-    info = ModelInfo("autoencoder", spatial_dims, net, preset="tiny")
+    info = ModelInfo("autoencoder", spatial_dims, net, preset="tiny", trained_on=["synthetic"])
     with tempfile.TemporaryDirectory() as run:
         save_weights(vae, Path(run) / "autoencoder.pt", info)
         save_weights(

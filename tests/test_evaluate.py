@@ -54,6 +54,7 @@ def test_report_with_an_untrained_residual_model_shows_no_gain(phantom_dir, tmp_
     weights = write_tiny_weights(tmp_path / "w", prediction="residual", perturb=False)
     report = evaluate(tmp_path / "ev", phantom=phantom_dir, weights=weights, steps=1, perceptual=False)
     assert report["skipped"] == {"lpips": "not asked for", "rfid": "not asked for"}
+    assert report["trained_on"] == ["synthetic"]  # what model.json records
     for methods in report["phantom"].values():
         for level, linear in methods["linear"].items():
             assert methods["calid"][level]["psnr"] == pytest.approx(linear["psnr"], abs=0.05)
