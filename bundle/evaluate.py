@@ -319,9 +319,11 @@ def evaluate(
         box = heart_box(stack, centre, heart_mm)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
         if model is not None and sweep_steps:
-            phases = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
-            report["sweep"][study.name] = steps_sweep(stack, model, sweep_steps, centre, phases, seed, device, fallback)
-            report["sweep_phases"] = phases.tolist()
+            sweep_at = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
+            report["sweep"][study.name] = steps_sweep(
+                stack, model, sweep_steps, centre, sweep_at, seed, device, fallback
+            )
+            report["sweep_phases"] = sweep_at.tolist()
         if segmenter is not None:
             report["downstream"][study.name] = _downstream(segmenter, study, stack, predictions, device)
     if phantom:
