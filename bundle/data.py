@@ -113,6 +113,11 @@ def triplet_dataset(
     return Dataset(data=records, transform=chain)
 
 
+def evenly_spread(length, count) -> list[int]:
+    """``count`` indices (at most ``length``) spread evenly over ``range(length)``, ends included."""
+    return np.linspace(0, length - 1, min(int(count), length)).round().astype(int).tolist()
+
+
 def validation_triplets(volumes, spacings, temporal=False, spatial_size=None, num_frames=None, max_triplets=64):
     """A fixed, evenly spread subset of gap-1 triplets without augmentation, for validation."""
     from torch.utils.data import Subset
@@ -122,5 +127,4 @@ def validation_triplets(volumes, spacings, temporal=False, spatial_size=None, nu
     full = triplet_dataset(
         volumes, spacings, gaps=(1,), temporal=temporal, spatial_size=spatial_size, augment=False, num_frames=num_frames
     )
-    count = min(len(full), int(max_triplets))
-    return Subset(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist())
+    return Subset(full, evenly_spread(len(full), max_triplets))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import evenly_spread
 from .errors import InputRefused
 from .io import read_sax
 from .metrics import psnr, ssim
@@ -309,7 +310,7 @@ def evaluate(
         stack = read_sax(dicom_folder(study))
         if phases:
             x, y, _, count = stack.shape
-            kept = np.linspace(0, count - 1, min(int(phases), count)).round().astype(int).tolist()
+            kept = evenly_spread(count, phases)
             stack = crop_inplane(stack, 0, x, 0, y, phases=kept)
             report.setdefault("phases", {})[study.name] = kept
         centre = lv_centre_from_contours(study)

@@ -26,10 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .data import evenly_spread
 from .motion import flow_conditioning
 from .transforms import IntensityScaler
 
 logger = logging.getLogger(__name__)
+
+# the ED/ES patients held out for choosing checkpoints: every fifth in sorted order
+HELD_OUT_PATIENTS = ("SCD0001401", "SCD0002301", "SCD0002801", "SCD0003701", "SCD0004501")
 
 
 @dataclass
@@ -202,25 +206,5 @@ def flow_datasets(train_parts, val_parts, size=(128, 128), seed=0, max_val=64):
 
     train = FlowTriplets(collect(train_parts), size=size, augment=True, seed=seed)
     full_val = FlowTriplets(collect(val_parts), size=size, augment=False)
-    count = min(len(full_val), int(max_val))
-    val = Subset(full_val, np.linspace(0, len(full_val) - 1, count).round().astype(int).tolist())
+    val = Subset(full_val, evenly_spread(len(full_val), max_val))
     return train, val
-
-
-def labelled_stack_paths(folder, patients=None, exclude=()):
-    """The labelled stacks (``NAME.nii.gz`` with ``NAME_labels.nii.gz``) of a folder, of the given
-    patients only (names start with the patient id) or all but the excluded ones."""
-    from pathlib import Path
-
-    from .phantom import LABELS_SUFFIX
-
-    paths = sorted(
-        p
-        for p in Path(folder).glob("*.nii.gz")
-        if not p.name.endswith(f"{LABELS_SUFFIX}.nii.gz")
-        and p.with_name(p.name[:-7] + f"{LABELS_SUFFIX}.nii.gz").exists()
-    )
-    patient = lambda p: p.name.split("_")[0]  # noqa: E731
-    if patients is not None:
-        paths = [p for p in paths if patient(p) in set(patients)]
-    return [p for p in paths if patient(p) not in set(exclude)]

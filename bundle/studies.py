@@ -112,6 +112,11 @@ def lv_centre_from_contours(study_dir):
     return tuple(np.concatenate([np.loadtxt(f) for f in files]).mean(axis=0))
 
 
+def labels_path(path) -> Path:
+    """``NAME_labels.nii.gz`` beside ``NAME.nii.gz``: the labelled-stack layout (phantoms, ED/ES)."""
+    return Path(path).with_name(Path(path).name[: -len(".nii.gz")] + f"{LABELS_SUFFIX}.nii.gz")
+
+
 def per_slice_normalised_stack(path):
     """A stack whose slices were each windowed on their own (the Sunnybrook ED/ES export), every
     slice divided by its own 99th percentile so that neighbours share a scale, and the LV centre
@@ -120,10 +125,9 @@ def per_slice_normalised_stack(path):
     array = stack.array.astype(np.float64)
     top = np.percentile(array, 99, axis=(0, 1), keepdims=True)
     stack.array = array / np.maximum(top, 1e-12)
-    labels_path = Path(path).with_name(Path(path).name[: -len(".nii.gz")] + f"{LABELS_SUFFIX}.nii.gz")
     centre = None
-    if labels_path.exists():
-        lv = np.argwhere(read_sax(labels_path).array[..., 0] > 0)
+    if labels_path(path).exists():
+        lv = np.argwhere(read_sax(labels_path(path)).array[..., 0] > 0)
         centre = tuple(lv[:, :2].mean(0)) if len(lv) else None
     return stack, centre
 
@@ -132,3 +136,14 @@ def dicom_folder(study) -> Path:
     """A Sunnybrook study's images: ``STUDY/dicom`` when it has one (beside ``contours/``), else ``STUDY``."""
     study = Path(study)
     return study / "dicom" if (study / "dicom").is_dir() else study
+
+
+def labelled_stack_paths(folder, patients=None, exclude=()):
+    """The labelled stacks (``NAME.nii.gz`` with ``NAME_labels.nii.gz``) of a folder, of the given
+    patients only (names start with the patient id) or all but the excluded ones."""
+    found = Path(folder).glob("*.nii.gz")
+    paths = sorted(p for p in found if not p.name.endswith(f"{LABELS_SUFFIX}.nii.gz") and labels_path(p).exists())
+    patient = lambda p: p.name.split("_")[0]  # noqa: E731
+    if patients is not None:
+        paths = [p for p in paths if patient(p) in set(patients)]
+    return [p for p in paths if patient(p) not in set(exclude)]

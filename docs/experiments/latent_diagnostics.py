@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from bundle.flow_triplets import FlowTriplets, collect, labelled_stack_paths, labelled_stack_triplets
+from bundle.flow_triplets import HELD_OUT_PATIENTS, FlowTriplets, collect, labelled_stack_triplets
 from bundle.metrics import psnr, ssim
 from bundle.networks import build_denoiser, preset
 from bundle.sampling import SliceSampler
+from bundle.studies import labelled_stack_paths
 from bundle.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELLED = ROOT.parent / "shared" / "data" / "sunnybrook-scd-edes"
-VAL_PATIENTS = ("SCD0001401", "SCD0002301", "SCD0002801", "SCD0003701", "SCD0004501")
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--vae", type=Path, default=ROOT / "models")
     args = parser.parse_args()
-    parts = [labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=VAL_PATIENTS)]
+    parts = [labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=HELD_OUT_PATIENTS)]
     val = FlowTriplets(collect(parts), size=(128, 128), augment=False)
     items = [val[i] for i in range(len(val))]
     batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}

@@ -23,19 +23,19 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
 from bundle.flow_triplets import (
+    HELD_OUT_PATIENTS,
     FlowTriplets,
     collect,
-    labelled_stack_paths,
     labelled_stack_triplets,
     phantom_triplets,
     study_triplets,
 )
 from bundle.metrics import psnr, ssim
+from bundle.studies import labelled_stack_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 CINE = ROOT.parent / "shared" / "data" / "sunnybrook-scd"
 LABELLED = ROOT.parent / "shared" / "data" / "sunnybrook-scd-edes"
-VAL_PATIENTS = ("SCD0001401", "SCD0002301", "SCD0002801", "SCD0003701", "SCD0004501")
 GAP_SCALE = 40.0  # mm: the gap channel is gap / 40, about [0, 1] over the trained gaps
 
 
@@ -84,9 +84,11 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     train_parts = [study_triplets(CINE / s) for s in ("SCD0000101", "SCD0000201", "SCD0000301")]
-    train_parts += [labelled_stack_triplets(p) for p in labelled_stack_paths(LABELLED, exclude=VAL_PATIENTS)]
+    train_parts += [labelled_stack_triplets(p) for p in labelled_stack_paths(LABELLED, exclude=HELD_OUT_PATIENTS)]
     train_parts += [phantom_triplets(s) for s in (1000, 1001, 1002, 1003)]
-    val_parts = [labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=VAL_PATIENTS)]
+    val_parts = [
+        labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=HELD_OUT_PATIENTS)
+    ]
     train = FlowTriplets(collect(train_parts), size=(args.crop, args.crop), augment=True, seed=args.seed)
     val = FlowTriplets(collect(val_parts), size=(128, 128), augment=False)
     test = FlowTriplets(collect([study_triplets(CINE / "SCD0000401", gaps=(1,))]), size=(128, 128), augment=False)

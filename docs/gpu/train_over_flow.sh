@@ -30,7 +30,7 @@ echo "training: exit $? (124: the time box ended it; the best weights so far are
 python3 -c "import sys; from bundle.weights import best_or_last, export_model; \
 export_model(sys.argv[1] + '/autoencoder/autoencoder.pt', best_or_last(sys.argv[1]), sys.argv[2])" "$RUN" "$OUT/model"
 mkdir -p "$OUT/edes_val"
-for patient in SCD0001401 SCD0002301 SCD0002801 SCD0003701 SCD0004501; do
+for patient in $(python3 -c "from bundle.flow_triplets import HELD_OUT_PATIENTS; print(*HELD_OUT_PATIENTS)"); do
     ln -sf "$(realpath "$LABELLED")/$patient"_* "$OUT/edes_val/"
 done
 python3 -m bundle.cli phantom "$OUT/phantom" --subjects 3 --seed 1000 --size 128 --slices 11 --phases 10
