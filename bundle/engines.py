@@ -227,16 +227,24 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         latent_scale: LatentScale,
         prediction=DEFAULT_PREDICTION,
         mean_fraction=0.0,
+        image_loss_weight=0.0,
         **kwargs,
     ):
         """``mean_fraction``: the share of each batch trained at the deterministic start of a
         residual model (``start`` "mean": the latent zero at the last timestep), so that its
         one-step sample learns the conditional mean of the correction directly; the rest of the
-        batch is noised at random timesteps as usual (multi-step and noise sampling keep working)."""
+        batch is noised at random timesteps as usual (multi-step and noise sampling keep working).
+
+        ``image_loss_weight``: adds, for those items, the L1 error of the slice the sampler would
+        return, ``base + D(z(base) + r) - D(z(base))``, against the true slice (through the frozen
+        decoder): the latent MSE alone does not see what the decoder makes of a small correction."""
         super().__init__(*args, **kwargs)
         self.mean_fraction = float(mean_fraction)
+        self.image_loss_weight = float(image_loss_weight)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if self.image_loss_weight and not (prediction == "residual" and self.mean_fraction > 0):
+            raise ValueError("image_loss_weight needs prediction 'residual' and a mean_fraction above 0")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.noise_scheduler = noise_scheduler
         self.latent_scale = latent_scale
@@ -252,7 +260,8 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
             z0 = self.autoencoder.encode(image)[0].float()
             if self.prediction == "residual":  # the correction to the latent of the base slice
                 base = neighbours[:, :2].mean(1, keepdim=True) if base is None else base
-                z0 = z0 - self.autoencoder.encode(base)[0].float()
+                z_base = self.autoencoder.encode(base)[0].float()
+                z0 = z0 - z_base
             if self.latent_scale.value is None:  # first batch of a fresh run
                 self.latent_scale.value = float(1.0 / z0.std().clamp_min(1e-6))
                 logger.info("latent scale factor 1/std(target) = %.5f", self.latent_scale.value)
@@ -268,8 +277,21 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         with self.autocast():
             out = self.inferer(z_t, self.network, timesteps, neighbours, **extra)
             # epsilon: the noise; residual: the clean correction itself (zero at initialisation)
-            loss = F.mse_loss(out.float(), z0 if self.prediction == "residual" else noise)
+            latent_loss = F.mse_loss(out.float(), z0 if self.prediction == "residual" else noise)
+            image_loss = out.new_zeros(())
+            if self.image_loss_weight and at_start:
+                image_loss = self._image_l1(out[:at_start], z_base[:at_start], base[:at_start], image[:at_start])
+            loss = latent_loss + self.image_loss_weight * image_loss
         self._backward_step(loss, self.network, self.optimizer)
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.network))
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "latent_loss": latent_loss.item(), "image_loss": image_loss.item()}
+
+    def _image_l1(self, correction, z_base, base, image):
+        """L1 of ``base + D(z_base + r) - D(z_base)`` against ``image``, r the predicted (scaled)
+        correction: what the one-step sample from the mean start returns (SliceSampler)."""
+        decode = self.autoencoder.decode
+        with torch.no_grad():
+            decoded_base = decode(z_base).float()
+        corrected = base + decode(z_base + correction.float() / self.latent_scale.value).float() - decoded_base
+        return F.l1_loss(corrected, image)

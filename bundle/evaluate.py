@@ -84,6 +84,7 @@ def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptu
         scaled = scaler(pred.flatten(0, 1).numpy())
         result[name] = scores(scaled, truth, box)
         result[name]["seconds_per_slice"] = seconds / len(scaled)
+        _add_adaptation(result[name], predictor)
         if perceptual is not None:
             result[name].update(perceptual(scaled, truth))
         predictions[name] = pred.float().numpy()
@@ -120,7 +121,15 @@ def phantom_per_level(sparse, truth, labels, predictors: dict, factor=4, heart_m
             pred = dense[:, :, keep].transpose(2, 3, 0, 1).reshape(-1, *dense.shape[:2])
             ref = target[:, :, keep].transpose(2, 3, 0, 1).reshape(-1, *dense.shape[:2])
             result[name][level] = scores(scaler(pred), scaler(ref), box)
+        _add_adaptation(result[name], predictor)
     return result
+
+
+def _add_adaptation(result, predictor):
+    """What an adapted model spent on adapting (steps, triplets, seconds), beside its scores."""
+    adaptation = predictor.describe().get("adaptation") if hasattr(predictor, "describe") else None
+    if adaptation:
+        result["adaptation"] = adaptation
 
 
 class TVL1Reference:
@@ -168,11 +177,14 @@ def make_predictors(
     baselines=True,
     fallback=True,
     reference=False,
+    adapt=0,
+    leave_one_out=False,
 ):
     """linear and flow (and the TV-L1 ``reference``); with a loaded CaLIDModel also the VAE-only
     baselines (linear and slerp of the neighbours' latents, ``baselines``), CaLID (seeded noise)
-    and CaLID+ (``--refine``). ``fallback=False`` uses the model at every gap, ignoring its
-    ``fallback_below_mm`` (below it: flow)."""
+    and CaLID+ (``--refine``), and with ``adapt`` steps CaLID adapted to ``stack`` (for
+    ``leave_one_out``, per parity: :class:`bundle.adapt.LeaveOneOutAdapted`). ``fallback=False``
+    uses the model at every gap, ignoring its ``fallback_below_mm`` (below it: flow)."""
     flow = FlowMidpoints(device=device)
     predictors = {"linear": linear_midpoints, "flow": flow}
     if reference:
@@ -187,6 +199,17 @@ def make_predictors(
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
         predictors["calid"] = LearnedMidpoints(model, pre, num_steps=steps, **common)
         predictors["calid+"] = LearnedMidpoints(model, pre, num_steps=steps, refine=True, **common)
+        if adapt:
+            from .adapt import LeaveOneOutAdapted, adapt_model
+
+            def make(adapted):
+                return LearnedMidpoints(adapted, pre, num_steps=steps, **common)
+
+            predictors["calid adapted"] = (
+                LeaveOneOutAdapted(stack, model, adapt, make, device, seed)
+                if leave_one_out
+                else make(adapt_model(model, stack, adapt, device, seed))
+            )
     return predictors
 
 
@@ -232,6 +255,7 @@ def evaluate(
     labelled_stacks=None,
     heart_mm=HEART_MM,
     phases=None,
+    adapt=0,
 ):
     """Evaluate every method against the truth: real studies, labelled stacks, phantoms.
 
@@ -262,6 +286,8 @@ def evaluate(
             layout): leave-one-out on each, every slice normalised on its own.
         heart_mm: the side of the heart-region square around the LV centre (mm).
         phases: how many phases of each real study to use, evenly spread (default: every phase).
+        adapt: with weights over flow, also CaLID adapted for this many steps to each input
+            (leave-one-out: to the slices of the other parity only; never to a scored slice).
     """
     from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
@@ -281,6 +307,13 @@ def evaluate(
         raise InputRefused(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(weights, device=device) if weights else None  # once, for every study
+    adapt = int(adapt)
+    if adapt:
+        from .adapt import check_adaptable
+
+        if model is None:
+            raise InputRefused("adapt needs weights (a model over flow to adapt)")
+        check_adaptable(model)
     perceptual = PerceptualMetrics(alexnet_weights, device=device) if perceptual else None
     report = {
         "protocol": __doc__.strip(),
@@ -290,6 +323,7 @@ def evaluate(
         "trained_on": model.info.trained_on if model else None,
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
         "fallback_below_mm": model.info.fallback_below_mm if model and fallback else None,
+        "adapt_steps": int(adapt),
         "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},
@@ -299,7 +333,9 @@ def evaluate(
     }
 
     def leave_one_out_predictors(stack):
-        return make_predictors(stack, model, steps, seed, device, fallback=fallback, reference=reference)
+        return make_predictors(
+            stack, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt, leave_one_out=True
+        )
 
     segmenter = None
     if segment_train:
@@ -334,7 +370,9 @@ def evaluate(
             sparse = read_sax(path)
             truth = read_sax(Path(phantom) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom) / f"{name}{LABELS_SUFFIX}.nii.gz")
-            predictors = make_predictors(sparse, model, steps, seed, device, fallback=fallback, reference=reference)
+            predictors = make_predictors(
+                sparse, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt
+            )
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors, heart_mm=heart_mm)
     for path in sorted(Path(labelled_stacks).glob("*.nii.gz")) if labelled_stacks else ():
         if path.name.endswith(f"{LABELS_SUFFIX}.nii.gz"):

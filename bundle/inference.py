@@ -107,12 +107,15 @@ class LearnedMidpoints:
                 f"them below {self.model.info.fallback_below_mm:g} mm "
                 f"(fallback_below_mm in {self.model.source}/model.json)"
             )
-        return {
+        report = {
             "method": self.method,
             "steps": self.num_steps,
             "fallback_gaps_mm": sorted(self.fell_back, reverse=True),
             "notes": notes,
         }
+        if self.model.adaptation:
+            report["adaptation"] = self.model.adaptation
+        return report
 
     def close(self):
         if self.progress is not None:

@@ -15,7 +15,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 METHODS = ("flow", "calid", "linear")
 DEFAULT_METHOD = "flow"  # training-free, and measured better than the shipped learned model
-MODEL_OPTIONS = ("steps", "refine", "samples", "weights")  # only the learned model reads them
+MODEL_OPTIONS = ("steps", "refine", "samples", "weights", "adapt")  # only the learned model reads them
 
 
 def as_flag(value, name) -> bool:
@@ -52,6 +52,11 @@ class UpsampleOptions:
     samples: int = _option(1, "calid only: the mean of N draws, and their standard deviation as OUTPUT_std.nii.gz")
     seed: int = _option(0, "the seed of the generated slices' starting noise (calid)")
     weights: str | None = _option(None, "calid only: a folder with model.pt and model.json (default: models/)")
+    adapt: int = _option(
+        0,
+        "calid only: first fine-tune a copy of the model for N steps on the input's own slices, each from its two "
+        "neighbours (a model over flow; 0: off)",
+    )
     device: str = _option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     precision: str = _option("auto", "auto, fp32, bf16 or fp16 (autocast on CUDA; the CPU runs fp32 unless bf16)")
     chunk_size: int | None = _option(None, "calid only: slices generated per batch (default 8 on CPU, 64 on CUDA)")
@@ -73,6 +78,7 @@ class UpsampleOptions:
             raise InputRefused(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
         self.refine, self.overwrite = as_flag(self.refine, "refine"), as_flag(self.overwrite, "overwrite")
         self.samples, self.seed = _whole(self.samples, "samples", 1), _whole(self.seed, "seed", 0)
+        self.adapt = _whole(self.adapt, "adapt", 0)
         if self.steps is not None:
             self.steps = _whole(self.steps, "steps", 1, MAX_STEPS)
         if self.chunk_size is not None:

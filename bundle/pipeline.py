@@ -97,6 +97,10 @@ class BisectionInferer(Inferer):
             )
             return [FlowMidpoints(device=device, progress=bar)]
         model = model if model is not None else load_model(opts.weights, device=device)
+        if opts.adapt:
+            from .adapt import adapt_model
+
+            model = adapt_model(model, stack, opts.adapt, device=device, seed=opts.seed, progress=progress)
         if opts.samples > 1 and (opts.refine or model.info.start == "mean"):
             logger.warning(
                 "--samples: every sample starts from the same latents (--refine inverts the neighbours; this model "

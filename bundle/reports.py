@@ -69,7 +69,10 @@ def report_markdown(report) -> str:
         ]
         first = next(iter(stacks.values()))
         names = list(first)
-        mean = {m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in first[m]} for m in names}
+        mean = {
+            m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in first[m] if k != "adaptation"}
+            for m in names
+        }
         for method in names:
             lines.append(_row(len(stacks), method, mean[method], mean))
         wins = {m: sum(v[m]["psnr_heart"] > v["linear"]["psnr_heart"] for v in stacks.values()) for m in names}
@@ -80,7 +83,28 @@ def report_markdown(report) -> str:
         for level in methods["linear"]:
             for method in methods:
                 lines.append(_row(level, method, methods[method][level], {k: v[level] for k, v in methods.items()}))
+    lines += _adaptation_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _adaptation_lines(report):
+    """What adapting cost, per input (``evaluate --adapt``): steps, triplets, seconds."""
+    rows = []
+    for part in ("real", "labelled_stacks", "phantom"):
+        for name, methods in report.get(part, {}).items():
+            for method, s in methods.items():
+                runs = s.get("adaptation") or []
+                for run in runs if isinstance(runs, list) else [runs]:
+                    rows.append(f"| {name} | {method} | {run['steps']} | {run['triplets']} | {run['seconds']:.1f} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Adaptation to each input (leave-one-out: one run per parity)",
+        "",
+        "| input | method | steps | triplets | seconds |",
+        "|---|---|---|---|---|",
+    ] + rows
 
 
 def _fmt(value, digits):

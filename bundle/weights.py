@@ -160,6 +160,7 @@ class CaLIDModel:
 
     def __init__(self, network: CaLIDNetwork, info: ModelInfo, source: str):
         self.network, self.info, self.source = network, info, source
+        self.adaptation = None  # set by bundle.adapt: steps, triplets and seconds spent on the input
 
     @property
     def temporal(self):
@@ -206,11 +207,15 @@ def warm_start_over_flow(network, path):
     or a diffusion state dict): every tensor that fits is copied; tau1's first convolution gets
     the old neighbour filters for the warped neighbours and zeros for the midpoint and its
     weight; the gap embeddings stay zero; the U-Net's output convolution is zeroed, so the
-    warm-started model returns the flow midpoint exactly until it learns a correction."""
+    warm-started model returns the flow midpoint exactly until it learns a correction.
+    Weights already trained over flow (every tensor fits) are loaded as they are."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if any(k.startswith("denoiser.") for k in state):
         state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
     own = network.state_dict()
+    if own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items()):
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+        return network
     for key, value in state.items():
         target = own.get(key)
         if target is None:
@@ -243,9 +248,14 @@ def extract_autoencoder(model_dir, out_path) -> Path:
     return out_path
 
 
-def warm_start_latent_scale(weights_path=None):
-    """The latent scale recorded beside warm-start weights (they keep their latent units), else None."""
-    return None if weights_path is None else ModelInfo.beside(weights_path).latent_scale
+def warm_start_latent_scale(weights_path=None, base=None):
+    """The latent scale recorded beside warm-start weights (they keep their latent units), else
+    None; with ``base``, only if they correct that base (a residual to another base is scaled
+    anew from the first batch)."""
+    if weights_path is None:
+        return None
+    info = ModelInfo.beside(weights_path)
+    return info.latent_scale if base is None or info.base == base else None
 
 
 def load_frozen(network, path, device="cpu"):

@@ -179,41 +179,88 @@ def test_a_model_that_starts_from_the_mean_is_deterministic(phantom_subject):
         ModelInfo.from_dict({**over_flow_info().to_dict(), "start": "median"})
 
 
+def over_flow_trainer(network, latent_scale=1.0, **kwargs):
+    from bundle.engines import LatentDiffusionTrainer, LatentScale
+    from bundle.sampling import make_noise_scheduler
+
+    return LatentDiffusionTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[],
+        network=network.denoiser,
+        optimizer=torch.optim.Adam(network.denoiser.parameters(), 1e-4),
+        autoencoder=network.autoencoder,
+        noise_scheduler=make_noise_scheduler(),
+        latent_scale=LatentScale(latent_scale),
+        **kwargs,
+    )
+
+
 def test_mean_fraction_trains_the_deterministic_start():
     """The first mean_fraction of each batch is trained where a "mean"-start sample begins:
     the latent zero at the last timestep; the rest is noised at random timesteps."""
-    from bundle.engines import LatentDiffusionTrainer, LatentScale
-    from bundle.networks import build_autoencoder
-    from bundle.sampling import make_noise_scheduler
-
     torch.manual_seed(0)
-    info = over_flow_info()
-    network = CaLIDNetwork.from_info(info)
+    network = CaLIDNetwork.from_info(over_flow_info())
     seen = {}
 
     def recording_inferer(z_t, net, timesteps, conditioning, **extra):
         seen.update(z_t=z_t.clone(), timesteps=timesteps.clone(), gap_mm=extra.get("gap_mm"))
         return net(z_t, timesteps, conditioning, **extra)
 
-    net = info.net
-    vae = build_autoencoder(
-        2, net["vae_channels"], net["latent_channels"], net["vae_res_blocks"], net["vae_norm_groups"]
-    )
-    trainer = LatentDiffusionTrainer(
-        device="cpu",
-        max_epochs=1,
-        train_data_loader=[],
-        network=network.denoiser,
-        optimizer=torch.optim.Adam(network.denoiser.parameters(), 1e-4),
-        inferer=recording_inferer,
-        autoencoder=vae,
-        noise_scheduler=make_noise_scheduler(),
-        latent_scale=LatentScale(1.0),
-        mean_fraction=0.5,
-    )
+    trainer = over_flow_trainer(network, inferer=recording_inferer, mean_fraction=0.5)
     a, b = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
     cond = flow_conditioning(a, b)
     batch = {"image": a, "neighbours": cond, "base": cond[:, 2:3], "gap_mm": torch.full((4,), 16.0)}
     trainer._iteration(trainer, batch)
     assert seen["timesteps"][:2].tolist() == [999, 999] and not seen["z_t"][:2].any()
     assert seen["z_t"][2:].abs().sum() > 0 and seen["gap_mm"].tolist() == [16.0] * 4
+
+
+def test_the_image_loss_scores_the_slice_the_one_step_sample_returns():
+    """image_loss_weight: the L1 the trainer adds is that of the slice a one-step sample from
+    the mean start returns (base + D(z(base) + r) - D(z(base))), and its gradient reaches the
+    denoiser through the frozen decoder."""
+    torch.manual_seed(0)
+    info = over_flow_info(start="mean")
+    network = CaLIDNetwork.from_info(info)
+    for p in network.denoiser.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    trainer = over_flow_trainer(network, info.latent_scale, mean_fraction=0.5, image_loss_weight=1.0)
+    a, b, truth = torch.rand(3, 2, 1, 32, 32)
+    cond, gap = flow_conditioning(a, b), torch.full((2,), 16.0)
+    base = cond[:, 2:3]
+    z_base = network.autoencoder.encode(base)[0]
+    zero = torch.zeros(2, 2, 8, 8)
+    correction = network.denoiser(zero, torch.full((2,), 999), cond, gap_mm=gap)
+    loss = trainer._image_l1(correction, z_base, base, truth)
+    with torch.no_grad():
+        sample = network.eval()(cond, num_steps=1, base=base, gap_mm=gap, z_start=zero)
+    torch.testing.assert_close(loss, torch.nn.functional.l1_loss(sample, truth), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert network.denoiser.unet.out[-1].conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in network.autoencoder.parameters())
+    out = trainer._iteration(trainer, {"image": truth, "neighbours": cond, "base": base, "gap_mm": gap})
+    assert out["image_loss"] > 0 and out["loss"] == pytest.approx(out["latent_loss"] + out["image_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="image_loss_weight needs"):
+        over_flow_trainer(network, mean_fraction=0.0, image_loss_weight=1.0)
+
+
+def test_warm_start_over_flow_continues_weights_already_over_flow(tmp_path):
+    """A denoiser trained over flow is loaded as it is (its correction and latent scale kept);
+    one trained over linear keeps only its latent units' shape: its latent scale is not reused."""
+    from bundle.weights import warm_start_latent_scale
+
+    torch.manual_seed(0)
+    info = over_flow_info()
+    trained = CaLIDNetwork.from_info(info)
+    for p in trained.denoiser.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_weights(trained.denoiser, tmp_path / "best.pt", info.updated(stage="diffusion"))
+    network = CaLIDNetwork.from_info(info)
+    warm_start_over_flow(network.denoiser, tmp_path / "best.pt")
+    for key, value in trained.denoiser.state_dict().items():
+        assert torch.equal(network.denoiser.state_dict()[key], value), key
+    assert warm_start_latent_scale(tmp_path / "best.pt", base="flow") == 1.3
+    over_linear = write_residual_tiny_weights(tmp_path / "linear") / "model.pt"
+    assert warm_start_latent_scale(over_linear, base="flow") is None
+    assert warm_start_latent_scale(over_linear) == ModelInfo.beside(over_linear).latent_scale

@@ -16,6 +16,7 @@ PRESET=${PRESET:-cpu}
 EPOCHS=${EPOCHS:-60}
 BATCH=${BATCH:-32}
 TRAIN_SECONDS=${TRAIN_SECONDS:-330}
+IMAGE_LOSS=${IMAGE_LOSS:-10}
 DEVICE=${DEVICE:-cuda}
 RUN="$OUT/run"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -25,7 +26,7 @@ timeout "$TRAIN_SECONDS" python3 -m monai.bundle run training \
     --config_file "['configs/train_autoencoder.json','configs/train_diffusion.json','configs/train_diffusion_flow.json']" \
     --meta_file configs/metadata.json --bundle_root . --preset "$PRESET" --device "\$torch.device('$DEVICE')" \
     --cine_dir "$CINE" --labelled_dir "$LABELLED" --output_dir "$RUN" --max_epochs "$EPOCHS" \
-    --batch_size "$BATCH" > "$OUT/train.log" 2>&1
+    --batch_size "$BATCH" --image_loss_weight "$IMAGE_LOSS" > "$OUT/train.log" 2>&1
 echo "training: exit $? (124: the time box ended it; the best weights so far are kept)"
 python3 -c "import sys; from bundle.weights import best_or_last, export_model; \
 export_model(sys.argv[1] + '/autoencoder/autoencoder.pt', best_or_last(sys.argv[1]), sys.argv[2])" "$RUN" "$OUT/model"
