@@ -66,6 +66,7 @@ def test_server_returns_the_dense_volume_with_its_geometry(phantom_dir, tmp_path
             "method": "flow",
             "steps": None,
             "refine": False,
+            "adapt": 0,
             "seed": 0,
             "precision": "auto",
             "chunk_size": None,

@@ -151,7 +151,7 @@ def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
     rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,iteration,val_psnr") and "val_psnr_baseline" in rows[0] and len(rows) == 3
     model = load_model(tmp_path / "run" / "model")
-    assert model.info.base == "flow" and model.info.trained_gaps_mm == [2.0, 8.0]
+    assert model.info.base == "flow" and model.info.trained_gaps_mm == [2.0, 8.0] and model.info.steps == 1
     assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["trained_on"] == ["phantom 5"]
 
 

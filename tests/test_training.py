@@ -307,7 +307,9 @@ def test_model_info_owns_model_json(tmp_path):
     info = ModelInfo.read(shipped)
     assert info.write(tmp_path / "model.json").read_text() == shipped.read_text()
     assert info.extra == {k: v for k, v in json.loads(shipped.read_text()).items() if k in ("validation", "recipe")}
-    minimal = ModelInfo.from_dict({"spatial_dims": 2, "net": info.net})
+    from bundle.networks import preset
+
+    minimal = ModelInfo.from_dict({"spatial_dims": 2, "net": preset("cpu")})
     assert (minimal.stage, minimal.prediction, minimal.steps) == ("model", "residual", 8)
     assert minimal.noise_schedule == DEFAULT_NOISE_SCHEDULE and minimal.fallback_below_mm is None
     for bad, message in [

@@ -100,7 +100,8 @@ sys.path.insert(0, str(Path(bundle_dir) / name))  # the configs import the bundl
 import bundle
 net = monai.bundle.load(name, bundle_dir=bundle_dir, workflow_type="inference", device="cpu").eval()
 torch.manual_seed(0)
-neighbours = torch.rand(2, 2, 32, 32)
+meta = json.loads((Path(bundle_dir) / name / "configs" / "metadata.json").read_text())
+neighbours = torch.rand(2, meta["network_data_format"]["inputs"]["image"]["num_channels"], 32, 32)
 z = torch.randn(2, 4, 8, 8)
 with torch.no_grad():
     pred = net(neighbours, num_steps=1, z_start=z)
