@@ -323,7 +323,7 @@ def evaluate(
         "trained_on": model.info.trained_on if model else None,
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
         "fallback_below_mm": model.info.fallback_below_mm if model and fallback else None,
-        "adapt_steps": int(adapt),
+        "adapt_steps": adapt,
         "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},
