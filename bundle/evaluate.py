@@ -30,7 +30,7 @@ from .errors import InputRefused
 from .io import read_sax
 from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
-from .options import as_flag
+from .options import _whole, as_flag
 from .reports import report_markdown
 from .stack import crop_inplane
 from .studies import dicom_folder
@@ -305,15 +305,15 @@ def evaluate(
     out_dir = Path(out_dir)
     if (out_dir / "report.json").exists() and not overwrite:
         raise InputRefused(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(weights, device=device) if weights else None  # once, for every study
-    adapt = int(adapt)
+    adapt = _whole(adapt, "adapt", 0)
     if adapt:
         from .adapt import check_adaptable
 
         if model is None:
             raise InputRefused("adapt needs weights (a model over flow to adapt)")
         check_adaptable(model)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once every refusal has had its say
     perceptual = PerceptualMetrics(alexnet_weights, device=device) if perceptual else None
     report = {
         "protocol": __doc__.strip(),
@@ -356,11 +356,11 @@ def evaluate(
         box = heart_box(stack, centre, heart_mm)
         save_evaluation_figure(stack, predictions, box, out_dir / "figures" / f"{study.name}.png")
         if model is not None and sweep_steps:
-            sweep_at = np.linspace(0, stack.shape[3] - 1, min(int(sweep_phases), stack.shape[3])).round().astype(int)
+            sweep_at = evenly_spread(stack.shape[3], sweep_phases)
             report["sweep"][study.name] = steps_sweep(
                 stack, model, sweep_steps, centre, sweep_at, seed, device, fallback
             )
-            report["sweep_phases"] = sweep_at.tolist()
+            report["sweep_phases"] = sweep_at
         if segmenter is not None:
             report["downstream"][study.name] = _downstream(segmenter, study, stack, predictions, device)
     if phantom:

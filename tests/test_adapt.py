@@ -117,6 +117,7 @@ def test_evaluate_reports_the_adapted_model_and_what_adapting_cost(tmp_path, pha
     write_nifti(labels, folder / "P1_labels.nii.gz", dtype=np.uint8)
     with pytest.raises(InputRefused, match="adapt needs weights"):
         evaluate(tmp_path / "none", phantom=phantom_dir, adapt=2, perceptual=False, reference=False)
+    assert not (tmp_path / "none").exists()  # refused before anything is written
     report = evaluate(
         tmp_path / "ev", phantom=phantom_dir, labelled_stacks=folder, weights=weights, adapt=2,
         sweep_steps=[], perceptual=False, reference=False,
