@@ -85,11 +85,19 @@ def test_calid_runs_the_network_def_with_the_weights_loaded(tmp_path, tiny_weigh
     assert read_sax(tmp_path / "dense.nii.gz").meta.get("descrip") is not None
 
 
-def _bundle_run(tmp_path, *override):
+def _bundle_run(tmp_path, *override, run_id=()):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "inference.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        *run_id,
+        "--config_file",
+        str(ROOT / "configs" / "inference.json"),
+    ]
     command += ["--meta_file", str(ROOT / "configs" / "metadata.json"), "--bundle_root", str(ROOT)]
     command += ["--output_path", str(tmp_path / "dense.nii.gz"), *override]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -114,7 +122,8 @@ def test_a_refused_bundle_run_says_why_in_one_line(tmp_path, override, message):
 
 
 def test_a_bundle_run_says_what_it_wrote(tmp_path):
-    run = _bundle_run(tmp_path, "--factor", "2", "--method", "linear")
+    """As the README writes it: ``python -m monai.bundle run inference --config_file ...``."""
+    run = _bundle_run(tmp_path, "--factor", "2", "--method", "linear", run_id=("inference",))
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"wrote {tmp_path / 'dense.nii.gz'} (linear, x2" in run.stdout
 
