@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from monai.engines import Trainer
 from monai.inferers import SimpleInferer
-from monai.losses import PatchAdversarialLoss
+from monai.losses import PatchAdversarialLoss, SSIMLoss
 from torch.optim.swa_utils import AveragedModel
 
 from .devices import as_device_tensor, needs_grad_scaler, precision_context, unwrap
 from .losses import kl_divergence
 from .options import as_flag
-from .sampling import DEFAULT_PREDICTION, PREDICTIONS
+from .sampling import DEFAULT_PREDICTION, PREDICTIONS, conditioning_latents
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         prediction=DEFAULT_PREDICTION,
         mean_fraction=0.0,
         image_loss_weight=0.0,
+        image_ssim_weight=0.0,
         **kwargs,
     ):
         """``mean_fraction``: the share of each batch trained at the deterministic start of a
@@ -237,14 +238,22 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
 
         ``image_loss_weight``: adds, for those items, the L1 error of the slice the sampler would
         return, ``base + D(z(base) + r) - D(z(base))``, against the true slice (through the frozen
-        decoder): the latent MSE alone does not see what the decoder makes of a small correction."""
+        decoder): the latent MSE alone does not see what the decoder makes of a small correction.
+        ``image_ssim_weight``: adds 1 - SSIM of that slice to its L1, within the image loss: the
+        decoded correction's fine texture costs SSIM more than it gains in L1."""
         super().__init__(*args, **kwargs)
         self.mean_fraction = float(mean_fraction)
         self.image_loss_weight = float(image_loss_weight)
+        self.image_ssim_weight = float(image_ssim_weight)
+        self.ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0) if self.image_ssim_weight else None
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if self.image_loss_weight and not (prediction == "residual" and self.mean_fraction > 0):
             raise ValueError("image_loss_weight needs prediction 'residual' and a mean_fraction above 0")
+        if getattr(unwrap(self.network), "latent_inputs", False) and prediction != "residual":
+            raise ValueError(
+                "a denoiser with latent_inputs needs prediction 'residual' (the base's latent is one of them)"
+            )
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.noise_scheduler = noise_scheduler
         self.latent_scale = latent_scale
@@ -266,6 +275,10 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
                 self.latent_scale.value = float(1.0 / z0.std().clamp_min(1e-6))
                 logger.info("latent scale factor 1/std(target) = %.5f", self.latent_scale.value)
             z0 = z0 * self.latent_scale.value
+            if getattr(unwrap(self.network), "latent_inputs", False):  # in the sampler's units
+                extra["latents"] = self.latent_scale.value * conditioning_latents(
+                    lambda x: self.autoencoder.encode(x)[0].float(), neighbours, z_base
+                )
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (z0.shape[0],), device=self.device)
         z_t = self.noise_scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
@@ -280,18 +293,24 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
             latent_loss = F.mse_loss(out.float(), z0 if self.prediction == "residual" else noise)
             image_loss = out.new_zeros(())
             if self.image_loss_weight and at_start:
-                image_loss = self._image_l1(out[:at_start], z_base[:at_start], base[:at_start], image[:at_start])
+                corrected = self._corrected(out[:at_start], z_base[:at_start], base[:at_start])
+                image_loss = self._image_loss(corrected, image[:at_start])
             loss = latent_loss + self.image_loss_weight * image_loss
         self._backward_step(loss, self.network, self.optimizer)
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.network))
         return {"loss": loss.item(), "latent_loss": latent_loss.item(), "image_loss": image_loss.item()}
 
-    def _image_l1(self, correction, z_base, base, image):
-        """L1 of ``base + D(z_base + r) - D(z_base)`` against ``image``, r the predicted (scaled)
-        correction: what the one-step sample from the mean start returns (SliceSampler)."""
+    def _corrected(self, correction, z_base, base):
+        """``base + D(z_base + r) - D(z_base)``, r the predicted (scaled) correction: what the
+        one-step sample from the mean start returns (SliceSampler), differentiable in r."""
         decode = self.autoencoder.decode
         with torch.no_grad():
             decoded_base = decode(z_base).float()
-        corrected = base + decode(z_base + correction.float() / self.latent_scale.value).float() - decoded_base
-        return F.l1_loss(corrected, image)
+        return base + decode(z_base + correction.float() / self.latent_scale.value).float() - decoded_base
+
+    def _image_loss(self, corrected, image):
+        loss = F.l1_loss(corrected, image)
+        if self.ssim_loss is not None:
+            loss = loss + self.image_ssim_weight * self.ssim_loss(corrected, image.float())
+        return loss

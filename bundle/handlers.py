@@ -103,9 +103,14 @@ class InterpolationValidator:
     carry it as ``base``; else linear interpolation) and the gain over it, in
     ``engine.state.metrics``, the log and ``validation.csv``. The predictor is a callable taking
     a batch dict (``image``, ``neighbours`` and, over flow, ``base`` and ``gap_mm``; network
-    scale) and returning the prediction. Keeps the weights of the best gain."""
+    scale) and returning the prediction. Keeps the weights of the best gain.
 
-    def __init__(self, dataset, predictor, output_dir, every_epochs=1, batch_size=8, save_best=None, device="cpu"):
+    ``score_px``: score only the central square of that side of each item (items centred on the
+    LV: the heart region `calid evaluate` scores), else the whole item."""
+
+    def __init__(
+        self, dataset, predictor, output_dir, every_epochs=1, batch_size=8, save_best=None, device="cpu", score_px=None
+    ):
         self.dataset = dataset
         self.predictor = predictor
         self.output_dir = Path(output_dir)
@@ -114,6 +119,7 @@ class InterpolationValidator:
         self.save_best = save_best  # callable(path) writing the weights worth keeping
         self.device = torch.device(device)
         self.best_gain = -float("inf")
+        self.score_px = None if score_px is None else int(score_px)
 
     @property
     def baseline(self):
@@ -141,9 +147,11 @@ class InterpolationValidator:
                 for key in ("image", "neighbours", "base", "gap_mm")
                 if key in items[0]
             }
-            middle = batch["image"]
-            pred = self.predictor(batch).float().clamp(-0.5, 1.5)
-            baseline = batch["base"] if "base" in batch else batch["neighbours"][:, :2].mean(1, keepdim=True)
+            middle = self._scored(batch["image"])
+            pred = self._scored(self.predictor(batch).float().clamp(-0.5, 1.5))
+            baseline = self._scored(
+                batch["base"] if "base" in batch else batch["neighbours"][:, :2].mean(1, keepdim=True)
+            )
             scores["psnr"].append(psnr(pred, middle))
             scores["ssim"].append(ssim(pred, middle))
             scores["psnr_baseline"].append(psnr(baseline, middle))
@@ -152,6 +160,12 @@ class InterpolationValidator:
         result["val_gain_db"] = result["val_psnr"] - result["val_psnr_baseline"]
         result["val_gain_ssim"] = result["val_ssim"] - result["val_ssim_baseline"]
         return result
+
+    def _scored(self, images):
+        if self.score_px is None:
+            return images
+        x0, y0 = [max(0, (size - self.score_px) // 2) for size in images.shape[2:4]]
+        return images[:, :, x0 : x0 + self.score_px, y0 : y0 + self.score_px]
 
     def __call__(self, engine):
         if len(self.dataset) == 0:

@@ -15,7 +15,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
-from .sampling import DEFAULT_PREDICTION, SliceSampler, make_noise_scheduler
+from .sampling import DEFAULT_PREDICTION, LATENT_INPUTS, SliceSampler, make_noise_scheduler
 
 PRESETS = {
     # seconds on a CPU: for tests
@@ -123,11 +123,15 @@ class ConditionedDenoiser(nn.Module):
         vae_factor,
         conditioning_channels=2,
         gap_classes=0,
+        latent_inputs=False,
     ):
         super().__init__()
         common = dict(
             spatial_dims=spatial_dims,
-            in_channels=latent_channels,
+            # with latent_inputs, z_t comes with the latents of the two neighbours and of the base
+            # (LATENT_INPUTS of them): the U-Net sees the slices through the VAE's encoder, not
+            # only through tau1's thin one
+            in_channels=latent_channels * (1 + LATENT_INPUTS * bool(latent_inputs)),
             channels=list(channels),
             attention_levels=list(attention_levels),
             num_res_blocks=num_res_blocks,
@@ -154,6 +158,7 @@ class ConditionedDenoiser(nn.Module):
         self.latent_channels = latent_channels
         self.conditioning_channels = conditioning_channels
         self.gap_classes = gap_classes
+        self.latent_inputs = bool(latent_inputs)
         if gap_classes:  # a warm start or an untrained model ignores the gap until it learns it
             for embedding in (self.unet.class_embedding, self.control.class_embedding):
                 torch.nn.init.zeros_(embedding.weight)
@@ -169,19 +174,29 @@ class ConditionedDenoiser(nn.Module):
         gap = torch.as_tensor(0.0 if gap_mm is None else gap_mm, dtype=torch.float32, device=device)
         return gap.round().clamp(0, self.gap_classes - 1).long().expand(batch)
 
-    def forward(self, z_t, timesteps, neighbours, gap_mm=None):
+    def forward(self, z_t, timesteps, neighbours, gap_mm=None, latents=None):
+        """``latents``: (N, LATENT_INPUTS * C, ...) from :func:`bundle.sampling.conditioning_latents`,
+        for a denoiser built with ``latent_inputs``."""
         expected = tuple(s * self.vae_factor for s in z_t.shape[2:])
         if tuple(neighbours.shape[2:]) != expected or neighbours.shape[1] != self.conditioning_channels:
             raise ValueError(
                 f"conditioning must be (N, {self.conditioning_channels}, {expected}) for latents {tuple(z_t.shape)}, "
                 f"got {tuple(neighbours.shape)}"
             )
+        if self.latent_inputs:
+            want = (z_t.shape[0], LATENT_INPUTS * self.latent_channels) + tuple(z_t.shape[2:])
+            if latents is None or tuple(latents.shape) != want:
+                got = None if latents is None else tuple(latents.shape)
+                raise ValueError(f"this denoiser takes the conditioning's latents {want} beside z_t, got {got}")
+            x = torch.cat([z_t, latents.to(z_t.dtype)], 1)
+        else:
+            x = z_t
         labels = self.gap_class(gap_mm, z_t.shape[0], z_t.device)
         down, mid = self.control(
-            x=z_t, timesteps=timesteps, controlnet_cond=neighbours.to(z_t.dtype), class_labels=labels
+            x=x, timesteps=timesteps, controlnet_cond=neighbours.to(z_t.dtype), class_labels=labels
         )
         return self.unet(
-            x=z_t,
+            x=x,
             timesteps=timesteps,
             class_labels=labels,
             down_block_additional_residuals=down,
@@ -202,6 +217,7 @@ def build_denoiser(spatial_dims, net: dict):
         vae_factor=2 ** (len(net["vae_channels"]) - 1),
         conditioning_channels=net.get("conditioning_channels", 2),
         gap_classes=net.get("gap_classes", 0),
+        latent_inputs=net.get("latent_inputs", False),
     )
 
 

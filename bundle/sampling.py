@@ -101,8 +101,18 @@ DEFAULT_PREDICTION = "residual"  # the shipped formulation: a correction that st
 # where DDIM starts: seeded Gaussian noise (a sample), or the prior's mean, zero (deterministic:
 # the model's mean estimate, which scores higher PSNR than a sample)
 STARTS = ("noise", "mean")
+# a denoiser built with latent_inputs sees, beside z_t, the (scaled) latents of this many slices:
+# the two neighbours (over flow: warped half way) and the base (see conditioning_latents)
+LATENT_INPUTS = 3
 # DDIM cannot take more steps than the schedule has timesteps (a longer schedule records its own)
 MAX_STEPS = NUM_TRAIN_TIMESTEPS
+
+
+def conditioning_latents(encode, neighbours, z_base):
+    """The latents of the two neighbours (channels 0 and 1 of the conditioning) and the base's
+    latent ``z_base``, stacked as channels: what a denoiser with ``latent_inputs`` takes beside z_t.
+    ``encode`` maps (N, 1, ...) slices to latents in the same units as ``z_base``."""
+    return torch.cat([encode(neighbours[:, :1]), encode(neighbours[:, 1:2]), z_base], 1)
 
 
 class SliceSampler:
@@ -133,8 +143,10 @@ class SliceSampler:
             alphas_cumprod = make_noise_scheduler().alphas_cumprod
         self.ddim = DDIM(alphas_cumprod, num_steps)
 
-    def _eps_fn(self, neighbours, gap_mm=None):
+    def _eps_fn(self, neighbours, gap_mm=None, latents=None):
         extra = {} if gap_mm is None else {"gap_mm": gap_mm}  # for denoisers that embed the gap
+        if latents is not None:  # for denoisers that see the conditioning's latents
+            extra["latents"] = latents
 
         def eps(z, t):
             timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
@@ -167,11 +179,13 @@ class SliceSampler:
         (default: the neighbours' mean). ``z_start`` (per-item noise) makes results independent
         of batching; without it, noise is drawn from ``generator``. ``gap_mm``: the distance
         between the neighbours, for denoisers that embed it."""
-        eps_fn = self._eps_fn(neighbours, gap_mm)
-        blend, z_base = None, 0.0
+        blend, z_base, latents = None, 0.0, None
         if self.prediction == "residual":
             blend = neighbours[:, :2].mean(1, keepdim=True) if base is None else base.to(neighbours.dtype)
             z_base = self.encode(blend)
+            if getattr(self.denoiser, "latent_inputs", False):
+                latents = conditioning_latents(self.encode, neighbours, z_base)
+        eps_fn = self._eps_fn(neighbours, gap_mm, latents)
         if refine:
             left = self.encode(neighbours[:, :1]) - z_base
             right = self.encode(neighbours[:, 1:2]) - z_base

@@ -107,6 +107,8 @@ class ModelInfo:
         channels = self.net.get("conditioning_channels", 2)
         if channels != CONDITIONING_CHANNELS[self.base]:
             refuse(f"base {self.base} conditions on {CONDITIONING_CHANNELS[self.base]} channels, net says {channels}")
+        if self.net.get("latent_inputs") and self.prediction != "residual":
+            refuse("latent_inputs needs prediction residual (the base's latent is one of the inputs)")
         if self.latent_scale is not None and not _positive(self.latent_scale):
             refuse(f"latent_scale must be a positive number, got {self.latent_scale!r}")
         if not (isinstance(self.steps, int) and 1 <= self.steps <= MAX_STEPS):
@@ -208,7 +210,8 @@ def warm_start_over_flow(network, path):
     the old neighbour filters for the warped neighbours and zeros for the midpoint and its
     weight; the gap embeddings stay zero; the U-Net's output convolution is zeroed, so the
     warm-started model returns the flow midpoint exactly until it learns a correction.
-    Weights already trained over flow (every tensor fits) are loaded as they are."""
+    Weights already trained over flow are loaded as they are; where the new denoiser takes more
+    inputs (``latent_inputs``), their filters start at zero, so it still returns what they did."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if any(k.startswith("denoiser.") for k in state):
         state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
@@ -216,6 +219,8 @@ def warm_start_over_flow(network, path):
     if own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items()):
         network.load_state_dict({k: v.float() for k, v in state.items()})
         return network
+    tau1_in = "control.controlnet_cond_embedding.conv_in.conv.weight"
+    over_linear = state[tau1_in].shape != own[tau1_in].shape  # its correction is to another base
     for key, value in state.items():
         target = own.get(key)
         if target is None:
@@ -225,7 +230,7 @@ def warm_start_over_flow(network, path):
         elif target.dim() == value.dim() and target.shape[:1] + target.shape[2:] == value.shape[:1] + value.shape[2:]:
             target.zero_()[:, : value.shape[1]] = value.float()  # more input channels: the new ones start at zero
     for key in own:
-        if key.startswith("unet.out.") and "conv" in key:
+        if over_linear and key.startswith("unet.out.") and "conv" in key:
             own[key].zero_()
     network.load_state_dict(own)
     return network
@@ -242,9 +247,17 @@ def extract_autoencoder(model_dir, out_path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, lambda tmp: torch.save(vae, tmp))
     trained_on = info.autoencoder_trained_on or info.trained_on
-    ModelInfo("autoencoder", info.spatial_dims, info.net, preset=info.preset, trained_on=trained_on).write(
-        out_path.with_suffix(".json")
-    )
+    # the model's net and base together: a net over flow (4 conditioning channels) read with the
+    # default base would be refused by the export that reads this record
+    ModelInfo(
+        "autoencoder",
+        info.spatial_dims,
+        info.net,
+        preset=info.preset,
+        trained_on=trained_on,
+        prediction=info.prediction,
+        base=info.base,
+    ).write(out_path.with_suffix(".json"))
     return out_path
 
 

@@ -9,10 +9,19 @@ from conftest import ROOT
 
 from bundle.errors import InputRefused
 from bundle.inference import LearnedMidpoints
+from bundle.metrics import ssim
 from bundle.motion import FlowMidpoints, flow_conditioning
 from bundle.networks import CaLIDNetwork, preset
 from bundle.upsample import upsample_stack
-from bundle.weights import CaLIDModel, ModelInfo, export_model, load_model, save_weights, warm_start_over_flow
+from bundle.weights import (
+    CaLIDModel,
+    ModelInfo,
+    export_model,
+    extract_autoencoder,
+    load_model,
+    save_weights,
+    warm_start_over_flow,
+)
 
 
 def over_flow_info(**changes):
@@ -96,6 +105,11 @@ def test_a_model_over_flow_exports_loads_and_falls_back_like_any_other(tmp_path,
     flow = upsample_stack(stack, 2, FlowMidpoints())
     assert not np.allclose(learned.array, flow.array, atol=1e-3)
     np.testing.assert_array_equal(learned.array[:, :, ::2], stack.array)
+    # the next run trains on this model's frozen VAE (configs/train_diffusion_flow.json): its
+    # extracted record must export again
+    vae = extract_autoencoder(folder, tmp_path / "next" / "autoencoder.pt")
+    again = load_model(export_model(vae, tmp_path / "diffusion.pt", tmp_path / "model2", half=False))
+    assert again.info.base == "flow" and again.info.trained_on == model.info.trained_on
 
 
 def test_triplets_at_every_gap_from_each_source(tmp_path, phantom_subject):
@@ -152,6 +166,7 @@ def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
     assert rows[0].startswith("epoch,iteration,val_psnr") and "val_psnr_baseline" in rows[0] and len(rows) == 3
     model = load_model(tmp_path / "run" / "model")
     assert model.info.base == "flow" and model.info.trained_gaps_mm == [2.0, 8.0] and model.info.steps == 1
+    assert model.info.net["latent_inputs"]  # the config's default since 0.6.0
     assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["trained_on"] == ["phantom 5"]
 
 
@@ -219,7 +234,7 @@ def test_mean_fraction_trains_the_deterministic_start():
 def test_the_image_loss_scores_the_slice_the_one_step_sample_returns():
     """image_loss_weight: the L1 the trainer adds is that of the slice a one-step sample from
     the mean start returns (base + D(z(base) + r) - D(z(base))), and its gradient reaches the
-    denoiser through the frozen decoder."""
+    denoiser through the frozen decoder; image_ssim_weight adds 1 - SSIM of that slice."""
     torch.manual_seed(0)
     info = over_flow_info(start="mean")
     network = CaLIDNetwork.from_info(info)
@@ -232,9 +247,11 @@ def test_the_image_loss_scores_the_slice_the_one_step_sample_returns():
     z_base = network.autoencoder.encode(base)[0]
     zero = torch.zeros(2, 2, 8, 8)
     correction = network.denoiser(zero, torch.full((2,), 999), cond, gap_mm=gap)
-    loss = trainer._image_l1(correction, z_base, base, truth)
+    corrected = trainer._corrected(correction, z_base, base)
+    loss = trainer._image_loss(corrected, truth)
     with torch.no_grad():
         sample = network.eval()(cond, num_steps=1, base=base, gap_mm=gap, z_start=zero)
+    torch.testing.assert_close(corrected, sample, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, torch.nn.functional.l1_loss(sample, truth), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert network.denoiser.unet.out[-1].conv.weight.grad.abs().sum() > 0
@@ -243,6 +260,12 @@ def test_the_image_loss_scores_the_slice_the_one_step_sample_returns():
     assert out["image_loss"] > 0 and out["loss"] == pytest.approx(out["latent_loss"] + out["image_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="image_loss_weight needs"):
         over_flow_trainer(network, mean_fraction=0.0, image_loss_weight=1.0)
+    with_ssim = over_flow_trainer(
+        network, info.latent_scale, mean_fraction=0.5, image_loss_weight=1.0, image_ssim_weight=0.5
+    )
+    with torch.no_grad():
+        expected = torch.nn.functional.l1_loss(sample, truth) + 0.5 * (1 - ssim(sample, truth).mean())
+        torch.testing.assert_close(with_ssim._image_loss(sample, truth), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_warm_start_over_flow_continues_weights_already_over_flow(tmp_path):
@@ -264,3 +287,56 @@ def test_warm_start_over_flow_continues_weights_already_over_flow(tmp_path):
     over_linear = write_residual_tiny_weights(tmp_path / "linear") / "model.pt"
     assert warm_start_latent_scale(over_linear, base="flow") is None
     assert warm_start_latent_scale(over_linear) == ModelInfo.beside(over_linear).latent_scale
+
+
+def test_latent_inputs_warm_start_from_weights_over_flow_returns_what_they_did(tmp_path):
+    """latent_inputs: the U-Net and tau2 also see the latents of the two warped neighbours and of
+    the flow midpoint. Warm-started from a denoiser over flow without them, the new input filters
+    start at zero and the trained correction is kept: the same slices, to float rounding."""
+    torch.manual_seed(0)
+    info = over_flow_info(start="mean")
+    trained = CaLIDNetwork.from_info(info).eval()
+    for p in trained.denoiser.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_weights(trained.denoiser, tmp_path / "best.pt", info.updated(stage="diffusion"))
+    wider = CaLIDNetwork.from_info(info.updated(net={**info.net, "latent_inputs": True})).eval()
+    wider.autoencoder.load_state_dict(trained.autoencoder.state_dict())
+    warm_start_over_flow(wider.denoiser, tmp_path / "best.pt")
+    for conv_in in (wider.denoiser.unet.conv_in.conv.weight, wider.denoiser.control.conv_in.conv.weight):
+        assert conv_in.shape[1] == 8 and conv_in[:, :2].any() and not conv_in[:, 2:].any()
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    cond, zero = flow_conditioning(a, b), torch.zeros(2, 2, 8, 8)
+    before = trained(cond, num_steps=1, base=cond[:, 2:3], gap_mm=16.0, z_start=zero)
+    after = wider(cond, num_steps=1, base=cond[:, 2:3], gap_mm=16.0, z_start=zero)
+    assert not torch.allclose(before, cond[:, 2:3], atol=1e-3)  # a correction that is not zero, kept
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="takes the conditioning's latents"):
+        wider.denoiser(zero, torch.tensor([999, 999]), cond, gap_mm=16.0)
+
+
+def test_the_trainer_gives_latent_inputs_in_the_samplers_units():
+    """What the trainer feeds a denoiser with latent_inputs is what SliceSampler feeds it: the
+    latents of the two warped neighbours and of the midpoint, times the latent scale."""
+    from bundle.sampling import conditioning_latents
+
+    torch.manual_seed(0)
+    info = over_flow_info()
+    network = CaLIDNetwork.from_info(info.updated(net={**info.net, "latent_inputs": True}))
+    seen = {}
+
+    def recording_inferer(z_t, net, timesteps, conditioning, **extra):
+        seen.update(extra)
+        return net(z_t, timesteps, conditioning, **extra)
+
+    trainer = over_flow_trainer(network, 1.3, inferer=recording_inferer, mean_fraction=0.5)
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    cond = flow_conditioning(a, b)
+    trainer._iteration(trainer, {"image": a, "neighbours": cond, "base": cond[:, 2:3], "gap_mm": torch.full((2,), 8.0)})
+    sampler = network.sampler(1)
+    expected = conditioning_latents(sampler.encode, cond, sampler.encode(cond[:, 2:3]))
+    assert seen["latents"].shape == (2, 6, 8, 8)
+    torch.testing.assert_close(seen["latents"], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputRefused, match="latent_inputs needs prediction residual"):
+        ModelInfo.from_dict(
+            {"spatial_dims": 2, "net": {**preset("tiny"), "latent_inputs": True}, "prediction": "epsilon"}
+        )

@@ -239,6 +239,28 @@ def test_validation_without_validation_studies_is_skipped(tmp_path, caplog):
     assert "validation skipped" in caplog.text and not (tmp_path / "validation.csv").exists()
 
 
+def test_validation_can_score_the_central_square_only(tmp_path):
+    """score_px: the gain is measured on the central square of each item (the LV, where the
+    evaluation scores), not on the rest of the crop."""
+    from bundle.handlers import InterpolationValidator
+
+    torch.manual_seed(0)
+    items = [
+        {"image": torch.rand(1, 32, 32), "neighbours": torch.rand(4, 32, 32), "base": torch.rand(1, 32, 32)}
+        for _ in range(3)
+    ]
+
+    def right_in_the_centre(batch):  # the truth in the central 16 x 16, the base, off by 0.5, around it
+        pred = batch["base"] + 0.5
+        pred[..., 8:24, 8:24] = batch["image"][..., 8:24, 8:24]
+        return pred
+
+    whole = InterpolationValidator(items, right_in_the_centre, tmp_path).evaluate()
+    centre = InterpolationValidator(items, right_in_the_centre, tmp_path, score_px=16).evaluate()
+    assert whole["val_gain_db"] < 0 < centre["val_gain_db"]
+    assert centre["val_psnr"] == float("inf") or centre["val_psnr"] > 60
+
+
 def test_the_noise_schedule_travels_with_the_weights(phantom_dir, trained_autoencoder, tmp_path):
     """A config that changes the schedule trains one model: validation, export and inference all
     sample with the schedule it was trained with."""

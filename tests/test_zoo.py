@@ -47,7 +47,8 @@ def test_metadata_data_formats_match_the_networks():
         assert mu.shape[1] == ae["outputs"]["latent"]["num_channels"] and mu.shape[2] == size // 4
         neighbours = torch.rand(1, ldm["inputs"]["neighbours"]["num_channels"], size, size)
         latent = torch.randn(1, ldm["inputs"]["latent"]["num_channels"], size // 4, size // 4)
-        out = model.network.denoiser(latent, torch.tensor([500]), neighbours)
+        latents = torch.randn(1, ldm["inputs"]["latents"]["num_channels"], size // 4, size // 4)
+        out = model.network.denoiser(latent, torch.tensor([500]), neighbours, latents=latents)
         assert out.shape == (1, ldm["outputs"]["pred"]["num_channels"], size // 4, size // 4)
 
 
