@@ -4,7 +4,9 @@ tau1 encodes the two neighbours [s(n-1), s(n+1)] in image space with a light con
 downsamples by the VAE factor and ends in a zero-initialised conv (the ``ControlNet``'s
 conditioning embedding); tau2 is a ControlNet-style copy of the denoiser's encoder
 (time-embedded ResBlocks with self-attention) whose zero-initialised outputs are added into
-the denoiser at every scale. All three train together from scratch.
+the denoiser at every scale. All three train together from scratch. With ``latent_inputs`` the
+denoiser and tau2 also take, beside the noisy latent, the VAE latents of the two neighbours and
+of the base slice (:func:`bundle.sampling.conditioning_latents`).
 
 Sizes come from the configs; :data:`PRESETS` holds the three named sets they start from.
 """
