@@ -250,7 +250,8 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if self.image_loss_weight and not (prediction == "residual" and self.mean_fraction > 0):
             raise ValueError("image_loss_weight needs prediction 'residual' and a mean_fraction above 0")
-        if getattr(unwrap(self.network), "latent_inputs", False) and prediction != "residual":
+        self.latent_inputs = getattr(unwrap(self.network), "latent_inputs", False)  # the denoiser's, fixed
+        if self.latent_inputs and prediction != "residual":
             raise ValueError(
                 "a denoiser with latent_inputs needs prediction 'residual' (the base's latent is one of them)"
             )
@@ -275,7 +276,7 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
                 self.latent_scale.value = float(1.0 / z0.std().clamp_min(1e-6))
                 logger.info("latent scale factor 1/std(target) = %.5f", self.latent_scale.value)
             z0 = z0 * self.latent_scale.value
-            if getattr(unwrap(self.network), "latent_inputs", False):  # in the sampler's units
+            if self.latent_inputs:  # in the sampler's units
                 extra["latents"] = self.latent_scale.value * conditioning_latents(
                     lambda x: self.autoencoder.encode(x)[0].float(), neighbours, z_base
                 )

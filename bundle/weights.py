@@ -316,7 +316,8 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
 
 
 def check_weights(weights_dir=None) -> Path:
-    """The weights folder (default: the bundle's ``models/``), refusing one that lacks a file."""
+    """The weights folder (default: the bundle's ``models/``), refusing one that lacks a file or
+    whose ``model.json`` this bundle refuses: callers check before any work or any folder is made."""
     folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
     missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
     if missing:
@@ -325,6 +326,7 @@ def check_weights(weights_dir=None) -> Path:
             f"diffusion stage writes OUTPUT_DIR/model) or pass --weights DIR with {' and '.join(WEIGHT_FILES)}; "
             f"--method flow or linear needs no weights"
         )
+    ModelInfo.read(folder / "model.json")
     return folder
 
 

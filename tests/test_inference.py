@@ -128,6 +128,26 @@ def test_missing_and_incompatible_weights(small_stack, tmp_path, tiny_weights_2d
         )
     assert "no CaLID weights in" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
+    refused = tmp_path / "refused"  # a record the bundle refuses: refused before the output folder is made
+    shutil.copytree(tiny_weights_2d, refused)
+    info = json.loads((refused / "model.json").read_text())
+    (refused / "model.json").write_text(
+        json.dumps({**info, "net": {**info["net"], "latent_inputs": True}, "prediction": "epsilon"})
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "upsample",
+                str(tmp_path / "in.nii.gz"),
+                str(tmp_path / "new" / "o.nii.gz"),
+                "--method",
+                "calid",
+                "--weights",
+                str(refused),
+            ]
+        )
+    assert "latent_inputs needs prediction residual" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_and_bundle_inference_share_the_code(small_stack, tmp_path, tiny_weights_2d):
