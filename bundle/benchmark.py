@@ -12,7 +12,7 @@ from .errors import InputRefused
 from .losses import PerceptualTerm
 from .networks import build_discriminator, build_networks, count_parameters
 from .networks import preset as preset_sizes
-from .options import as_flag
+from .options import _fraction, as_flag
 from .sampling import make_noise_scheduler
 
 
@@ -99,13 +99,16 @@ def _random_model(preset, temporal, device):
     return CaLIDModel(CaLIDNetwork.from_info(info).to(device).eval(), info, f"random {preset}")
 
 
-def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, precision, method="calid"):
+def _upsample_once(
+    model_spec, stack, factor, steps, chunk_size, device_name, precision, method="calid", phase_fusion=0.0
+):
     """Runs in a fresh process so that its peak memory is its own. For ``method`` flow,
     ``chunk_size`` 1 means one pair per solve; otherwise the default memory budget decides."""
     import resource
 
     from .inference import LearnedMidpoints
-    from .motion import FlowMidpoints
+    from .motion import FlowMidpoints, pairs_per_chunk
+    from .temporal import PhaseFusion
     from .upsample import upsample_stack
     from .weights import load_model
 
@@ -119,17 +122,18 @@ def _upsample_once(model_spec, stack, factor, steps, chunk_size, device_name, pr
         predictor = LearnedMidpoints(
             model, pre, num_steps=steps, chunk_size=chunk_size, device=device, precision=precision, fallback=False
         )
+    fused = PhaseFusion(predictor, phase_fusion, device=device) if phase_fusion else predictor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     start = time.perf_counter()
-    upsample_stack(stack, factor, predictor)
+    upsample_stack(stack, factor, fused)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     x, y = stack.shape[:2]
     return {
-        "chunk_size": predictor.pairs_per_chunk(x, y) if method == "flow" else chunk_size,
+        "chunk_size": pairs_per_chunk(x, y, predictor.memory_budget_mb) if method == "flow" else chunk_size,
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -150,6 +154,8 @@ def inference_speed(
     loop=True,
     precision="auto",
     method="calid",
+    phase_fusion=0.0,
+    slice_mm=8.0,
 ):
     """Benchmark upsampling: wall time and peak memory on a phantom cine, batched vs a per-slice loop.
 
@@ -167,16 +173,20 @@ def inference_speed(
         loop: also time the per-slice loop.
         precision: auto, fp32, bf16 or fp16.
         method: calid (the learned model) or flow (flow midpoints).
+        phase_fusion: also fuse each new slice over the phases within this fraction of the cycle
+            (bundle.temporal; only between neighbours 16 mm apart or more).
+        slice_mm: the phantom's slice spacing (mm).
     """
     temporal, loop = as_flag(temporal, "temporal"), as_flag(loop, "loop")
     if method not in ("calid", "flow"):
         raise InputRefused(f"benchmark --method is calid or flow, got {method!r}")
+    phase_fusion = _fraction(phase_fusion, "phase fusion")
     import multiprocessing
 
     from .phantom import make_subject
 
     device = resolve_device(device)
-    stack = make_subject(seed=0, size=size, num_slices=slices, num_phases=phases).sparse
+    stack = make_subject(seed=0, size=size, num_slices=slices, num_phases=phases, sparse_spacing=float(slice_mm)).sparse
     generated = (slices - 1) * (factor - 1) * phases
     chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
     runs = [("batched", chunk_size)] + ([("per-slice loop", 1)] if loop else [])
@@ -188,6 +198,8 @@ def inference_speed(
         "input": f"{slices} slices x {phases} phases x {size}x{size}",
         "factor": factor,
         "steps": steps if method == "calid" else None,
+        "phase_fusion": phase_fusion,
+        "slice_mm": float(slice_mm),
         "generated_slices": generated,
         "torch_threads": torch.get_num_threads(),
     }
@@ -195,7 +207,17 @@ def inference_speed(
         with context.Pool(1) as pool:
             measured = pool.apply(
                 _upsample_once,
-                ((weights, preset, temporal), stack, factor, steps, chunk, str(device), precision, method),
+                (
+                    (weights, preset, temporal),
+                    stack,
+                    factor,
+                    steps,
+                    chunk,
+                    str(device),
+                    precision,
+                    method,
+                    phase_fusion,
+                ),
             )
         measured["seconds_per_generated_slice"] = measured["seconds"] / generated
         result[name] = measured

@@ -10,7 +10,8 @@ Intensities are scaled by each study's robust range (0.5-99.5 percentiles to 0-1
 PSNR/SSIM; the heart region is a square of ``heart_mm`` around the LV centre (from the
 Sunnybrook contours or the phantom's labels, else the image centre). Methods: linear, the
 motion-compensated flow midpoint (the product's default), the TV-L1 reference (scikit-image,
-slow, for comparison only), the VAE-only latent blends, CaLID and CaLID+; with them a DDIM steps
+slow, for comparison only), the VAE-only latent blends, CaLID and CaLID+, flow and CaLID fused
+over phases (:mod:`bundle.temporal`, flow-phases and calid-phases); with them a DDIM steps
 sweep, LPIPS/rFID where their weights are local, and the downstream segmentation check of
 :mod:`bundle.downstream`.
 """
@@ -30,10 +31,11 @@ from .errors import InputRefused
 from .io import read_sax
 from .metrics import psnr, ssim
 from .motion import FlowMidpoints, warp
-from .options import _whole, as_flag
+from .options import _fraction, _whole, as_flag
 from .reports import report_markdown
 from .stack import crop_inplane
 from .studies import dicom_folder
+from .temporal import DEFAULT_FRACTION, PhaseFusion
 from .transforms import IntensityScaler
 from .upsample import linear_midpoints, upsample_stack
 
@@ -179,14 +181,19 @@ def make_predictors(
     reference=False,
     adapt=0,
     leave_one_out=False,
+    phase_fusion=0.0,
 ):
     """linear and flow (and the TV-L1 ``reference``); with a loaded CaLIDModel also the VAE-only
     baselines (linear and slerp of the neighbours' latents, ``baselines``), CaLID (seeded noise)
     and CaLID+ (``--refine``), and with ``adapt`` steps CaLID adapted to ``stack`` (for
     ``leave_one_out``, per parity: :class:`bundle.adapt.LeaveOneOutAdapted`). ``fallback=False``
-    uses the model at every gap, ignoring its ``fallback_below_mm`` (below it: flow)."""
+    uses the model at every gap, ignoring its ``fallback_below_mm`` (below it: flow). With a
+    ``phase_fusion`` fraction, flow and CaLID also fused over the phases within it
+    (:mod:`bundle.temporal`): flow-phases, calid-phases."""
     flow = FlowMidpoints(device=device)
     predictors = {"linear": linear_midpoints, "flow": flow}
+    if phase_fusion:
+        predictors["flow-phases"] = PhaseFusion(FlowMidpoints(device=device), phase_fusion, device=device)
     if reference:
         predictors["tvl1"] = TVL1Reference()
     if model is not None:
@@ -198,6 +205,10 @@ def make_predictors(
             for how in ("linear", "slerp"):
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
         predictors["calid"] = LearnedMidpoints(model, pre, num_steps=steps, **common)
+        if phase_fusion:
+            predictors["calid-phases"] = PhaseFusion(
+                LearnedMidpoints(model, pre, num_steps=steps, **common), phase_fusion, device=device
+            )
         predictors["calid+"] = LearnedMidpoints(model, pre, num_steps=steps, refine=True, **common)
         if adapt:
             from .adapt import LeaveOneOutAdapted, adapt_model
@@ -256,6 +267,7 @@ def evaluate(
     heart_mm=HEART_MM,
     phases=None,
     adapt=0,
+    phase_fusion=DEFAULT_FRACTION,
 ):
     """Evaluate every method against the truth: real studies, labelled stacks, phantoms.
 
@@ -288,6 +300,9 @@ def evaluate(
         phases: how many phases of each real study to use, evenly spread (default: every phase).
         adapt: with weights over flow, also CaLID adapted for this many steps to each input
             (leave-one-out: to the slices of the other parity only; never to a scored slice).
+        phase_fusion: also flow and CaLID fused over the phases within this fraction of the cycle
+            (flow-phases, calid-phases, as `calid upsample --phase-fusion`; where it does not fuse,
+            gaps under 16 mm or too few phases, they equal flow and CaLID); 0: left out.
     """
     from .metrics import PerceptualMetrics
     from .phantom import LABELS_SUFFIX, TRUTH_SUFFIX
@@ -306,7 +321,7 @@ def evaluate(
     if (out_dir / "report.json").exists() and not overwrite:
         raise InputRefused(f"{out_dir} holds a report already; choose another folder or pass --overwrite")
     model = load_model(weights, device=device) if weights else None  # once, for every study
-    adapt = _whole(adapt, "adapt", 0)
+    adapt, phase_fusion = _whole(adapt, "adapt", 0), _fraction(phase_fusion, "phase fusion")
     if adapt:
         from .adapt import check_adaptable
 
@@ -324,6 +339,7 @@ def evaluate(
         # gaps narrower than this (mm) are filled by flow midpoints in CaLID (unless fallback=False)
         "fallback_below_mm": model.info.fallback_below_mm if model and fallback else None,
         "adapt_steps": adapt,
+        "phase_fusion": phase_fusion,
         "skipped": dict(perceptual.skipped) if perceptual else {"lpips": "not asked for", "rfid": "not asked for"},
         "real": {},
         "sweep": {},
@@ -334,8 +350,9 @@ def evaluate(
 
     def leave_one_out_predictors(stack):
         return make_predictors(
-            stack, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt, leave_one_out=True
-        )
+            stack, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt, leave_one_out=True,
+            phase_fusion=phase_fusion,
+        )  # fmt: skip
 
     segmenter = None
     if segment_train:
@@ -371,8 +388,9 @@ def evaluate(
             truth = read_sax(Path(phantom) / f"{name}{TRUTH_SUFFIX}.nii.gz")
             labels = read_sax(Path(phantom) / f"{name}{LABELS_SUFFIX}.nii.gz")
             predictors = make_predictors(
-                sparse, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt
-            )
+                sparse, model, steps, seed, device, fallback=fallback, reference=reference, adapt=adapt,
+                phase_fusion=phase_fusion,
+            )  # fmt: skip
             report["phantom"][name] = phantom_per_level(sparse, truth, labels, predictors, heart_mm=heart_mm)
     for path in sorted(Path(labelled_stacks).glob("*.nii.gz")) if labelled_stacks else ():
         if path.name.endswith(f"{LABELS_SUFFIX}.nii.gz"):

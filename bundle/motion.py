@@ -225,6 +225,11 @@ def flow_conditioning(a: torch.Tensor, b: torch.Tensor, settings: FlowSettings =
 PLANES_PER_PAIR = 64
 
 
+def pairs_per_chunk(x, y, memory_budget_mb) -> int:
+    """How many X x Y pairs one flow solve may take at once within ``memory_budget_mb``."""
+    return max(1, int(memory_budget_mb * 2**20 // (PLANES_PER_PAIR * 4 * x * y)))
+
+
 class FlowMidpoints:
     """Midpoint predictor (the protocol of :mod:`bundle.upsample`): the motion-compensated
     midpoint of every (gap, phase) pair of a bisection level, in batched chunks that keep the
@@ -242,15 +247,12 @@ class FlowMidpoints:
         self.progress = progress
         self.generated = 0
 
-    def pairs_per_chunk(self, x, y):
-        return max(1, int(self.memory_budget_mb * 2**20 // (PLANES_PER_PAIR * 4 * x * y)))
-
     @torch.inference_mode()
     def __call__(self, left, right, gap_mm=None, phase_offset=0):
         gaps, phases, x, y = left.shape
         a, b = left.reshape(-1, 1, x, y), right.reshape(-1, 1, x, y)
         out = torch.empty(a.shape, dtype=torch.float32)
-        chunk = self.pairs_per_chunk(x, y)
+        chunk = pairs_per_chunk(x, y, self.memory_budget_mb)
         for start in range(0, a.shape[0], chunk):
             stop = min(start + chunk, a.shape[0])
             a_dev = a[start:stop].to(self.device, torch.float32)

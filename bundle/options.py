@@ -10,6 +10,7 @@ import dataclasses
 from .devices import PRECISIONS
 from .errors import InputRefused
 from .sampling import MAX_STEPS
+from .temporal import DEFAULT_FRACTION, FUSE_FROM_MM
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -47,6 +48,12 @@ class UpsampleOptions:
         "flow (motion-compensated midpoints, no weights), calid (the learned model; flow between neighbours "
         "closer than its fallback_below_mm) or linear",
     )
+    phase_fusion: float = _option(
+        DEFAULT_FRACTION,
+        "flow and calid: average each new slice with its motion-compensated copies at the phases within this "
+        f"fraction of the cardiac cycle before and after it, between neighbours {FUSE_FROM_MM:g} mm apart or more "
+        "(the cine taken as one cycle; 0: off)",
+    )
     steps: int | None = _option(None, "calid only: DDIM steps, 1 to 1000 (default: the model's setting in model.json)")
     refine: bool = _option(False, "calid only: CaLID+, start from the slerp of the neighbours' inverted latents")
     samples: int = _option(1, "calid only: the mean of N draws, and their standard deviation as OUTPUT_std.nii.gz")
@@ -79,6 +86,9 @@ class UpsampleOptions:
         self.refine, self.overwrite = as_flag(self.refine, "refine"), as_flag(self.overwrite, "overwrite")
         self.samples, self.seed = _whole(self.samples, "samples", 1), _whole(self.seed, "seed", 0)
         self.adapt = _whole(self.adapt, "adapt", 0)
+        self.phase_fusion = _fraction(self.phase_fusion, "phase fusion")
+        if self.method == "linear" and self.phase_fusion not in (0, DEFAULT_FRACTION):
+            raise InputRefused("phase fusion is for methods flow and calid; linear interpolation does not fuse phases")
         if self.steps is not None:
             self.steps = _whole(self.steps, "steps", 1, MAX_STEPS)
         if self.chunk_size is not None:
@@ -126,6 +136,17 @@ class UpsampleOptions:
 
 def _number(value):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
+def _fraction(value, name):
+    """A number in [0, 0.5) from a number or a numeric string (a bundle override)."""
+    try:
+        number = float(value) if isinstance(value, str) else _number(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number < 0.5:
+        raise InputRefused(f"{name} must be a fraction of the cycle from 0 to below 0.5, got {value!r}")
+    return number
 
 
 def _whole(value, name, low, high=float("inf")):

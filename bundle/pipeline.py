@@ -83,6 +83,7 @@ class BisectionInferer(Inferer):
         from .devices import resolve_device
         from .inference import LearnedMidpoints
         from .motion import FlowMidpoints
+        from .temporal import PhaseFusion, why_not_fused
         from .weights import load_model
 
         device = resolve_device(opts.device)
@@ -91,11 +92,23 @@ class BisectionInferer(Inferer):
         def new_slices(levels, per_gap):  # what the predictors generate at those levels
             return sum((z - 1) * 2**level * per_gap for level in levels)
 
+        def fusing(predictor, bar):  # fusion over phases counts on the same bar, once per fused slice
+            if not opts.phase_fusion:
+                return predictor
+            return PhaseFusion(predictor, opts.phase_fusion, device=device, progress=bar)
+
+        gaps = [stack.slice_spacing / 2**level for level in range(opts.levels)]
+        fused_levels = [
+            k for k, gap in enumerate(gaps) if opts.phase_fusion and not why_not_fused(t, gap, opts.phase_fusion)
+        ]
+        fused = new_slices(fused_levels, t)
+
         if opts.method == "flow":
             bar = tqdm(
-                total=new_slices(range(opts.levels), t), desc="flow midpoints", unit="slice", disable=not progress
-            )
-            return [FlowMidpoints(device=device, progress=bar)]
+                total=new_slices(range(opts.levels), t) + fused, desc="flow midpoints", unit="slice",
+                disable=not progress,
+            )  # fmt: skip
+            return [fusing(FlowMidpoints(device=device, progress=bar), bar)]
         model = model if model is not None else load_model(opts.weights, device=device)
         if opts.adapt:
             from .adapt import adapt_model
@@ -118,13 +131,12 @@ class BisectionInferer(Inferer):
         ]
         # the bar counts the slices the model generates; those filled by flow are told in the log
         per_gap = 1 if model.temporal else t
-        gaps = [stack.slice_spacing / 2**level for level in range(opts.levels)]
         modelled = [level for level, gap in enumerate(gaps) if not predictors[0].falls_back(gap)]
-        total = new_slices(modelled, per_gap) * opts.samples
+        total = (new_slices(modelled, per_gap) + fused) * opts.samples
         bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress or not total)
         for predictor in predictors:
             predictor.progress = bar
-        return predictors
+        return [fusing(predictor, bar) for predictor in predictors]
 
 
 def check_output_size(shape, options: UpsampleOptions):

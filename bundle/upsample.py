@@ -10,7 +10,9 @@ neighbours of every gap at one level and returns the slices halfway between them
 linear interpolation, ``(left + right) / 2`` (applied recursively this is exactly linear
 interpolation); the motion-compensated flow midpoint (:mod:`bundle.motion`, the default); and
 the learned CaLID model (:mod:`bundle.inference`), which falls back to flow where it was not
-measured to beat it.
+measured to beat it. :class:`bundle.temporal.PhaseFusion` wraps flow or CaLID to average each new
+slice with its motion-compensated copies at the neighbouring phases (the default between far
+neighbours).
 
 The predictor protocol: ``predictor(left, right, gap_mm, phase_offset=0) -> middles`` with
 tensors (gaps, phases, X, Y) in scanner intensities (``gap_mm`` the distance between the
@@ -36,6 +38,16 @@ logger = logging.getLogger(__name__)
 
 # predictor(left, right, gap_mm, phase_offset=0) -> middle; tensors (N, T, X, Y): N gaps, T phases.
 MidpointPredictor = Callable[..., torch.Tensor]
+
+# gaps are compared with this tolerance relative to the limit: real spacings come out as
+# 15.9999 mm where the protocol says 16
+GAP_TOLERANCE = 0.01
+
+
+def narrower_than(gap_mm, limit_mm) -> bool:
+    """Whether neighbours ``gap_mm`` apart are closer than ``limit_mm`` (within GAP_TOLERANCE);
+    an unknown gap (None) or no limit never is."""
+    return gap_mm is not None and bool(limit_mm) and gap_mm < limit_mm * (1 - GAP_TOLERANCE)
 
 
 def bisection_levels(factor) -> int:

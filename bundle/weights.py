@@ -28,15 +28,13 @@ from .sampling import (
     make_noise_scheduler,
 )
 from .transforms import SlicePreprocessor
+from .upsample import narrower_than
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models"
 WEIGHT_FILES = ("model.pt", "model.json")
 STAGES = ("autoencoder", "diffusion", "model")
 BASES = ("linear", "flow")
 CONDITIONING_CHANNELS = {"linear": 2, "flow": 4}  # the neighbours; or warped neighbours, midpoint, weight
-# gaps are compared with this tolerance relative to the limit: real spacings come out as
-# 15.9999 mm where the protocol says 16
-GAP_TOLERANCE = 0.01
 
 
 @dataclasses.dataclass
@@ -147,9 +145,7 @@ class ModelInfo:
 
     def falls_back(self, gap_mm) -> bool:
         """Is the distance between two neighbours below the range the model was measured to help in?"""
-        if not self.fallback_below_mm or gap_mm is None:
-            return False
-        return gap_mm < self.fallback_below_mm * (1 - GAP_TOLERANCE)
+        return narrower_than(gap_mm, self.fallback_below_mm)
 
 
 def _positive(value):

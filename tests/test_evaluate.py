@@ -94,7 +94,12 @@ def test_full_report_on_a_contoured_study(contoured_study, tmp_path):
         segment_iterations=3,
     )
     methods = report["real"]["SYNTH01"]
-    assert list(methods) == ["linear", "flow", "tvl1", "latent-linear", "latent-slerp", "calid", "calid+"]
+    assert list(methods) == [
+        *("linear", "flow", "flow-phases", "tvl1", "latent-linear", "latent-slerp", "calid", "calid-phases", "calid+")
+    ]
+    # two phases: nothing to fuse, so fusion over phases leaves both predictors' slices as they were
+    for name in ("flow", "calid"):
+        assert methods[f"{name}-phases"]["psnr_heart"] == methods[name]["psnr_heart"]
     assert all(m["seconds_per_slice"] > 0 for m in methods.values())
     for metric in ("lpips", "rfid"):  # a figure, or skipped with the reason in the report
         assert all(m[metric] is None for m in methods.values()) == (metric in report["skipped"])
@@ -150,7 +155,7 @@ def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tm
     assert centre == pytest.approx(tuple(lv[:, :2].mean(0)))
     report = evaluate(tmp_path / "ev", labelled_stacks=folder, perceptual=False, reference=False)
     assert list(report["labelled_stacks"]) == ["P1_phase00"]
-    assert list(report["labelled_stacks"]["P1_phase00"]) == ["linear", "flow"]
+    assert list(report["labelled_stacks"]["P1_phase00"]) == ["linear", "flow", "flow-phases"]
     text = (tmp_path / "ev" / "report.md").read_text()
     assert "mean over 1 stacks" in text and "beats linear in the heart region: flow" in text
 

@@ -8,7 +8,7 @@ from test_upsample_contract import assert_contract
 
 from bundle.cli import main
 from bundle.io import read_sax
-from bundle.motion import FlowMidpoints, FlowSettings, flow_midpoint, warp
+from bundle.motion import FlowMidpoints, FlowSettings, flow_midpoint, pairs_per_chunk, warp
 from bundle.upsample import linear_midpoints
 
 SIZE = 64
@@ -60,7 +60,7 @@ def test_batched_equals_pair_by_pair_and_runs_are_identical():
     right = torch.cat([p[1] for p in pairs]).reshape(5, 1, SIZE, SIZE).double()
     batched = FlowMidpoints(memory_budget_mb=64)(left, right)
     one_by_one = FlowMidpoints(memory_budget_mb=1)  # one pair per chunk
-    assert one_by_one.pairs_per_chunk(SIZE, SIZE) == 1
+    assert pairs_per_chunk(SIZE, SIZE, one_by_one.memory_budget_mb) == 1
     looped = one_by_one(left, right)
     assert batched.dtype == left.dtype and batched.shape == left.shape
     np.testing.assert_allclose(batched, looped, rtol=1e-4, atol=1e-3)  # float32 rounding only

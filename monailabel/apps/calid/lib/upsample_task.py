@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # what a client may set per request: the bundle's own option names and defaults (the server
 # chooses the weights and the device; samples would write a second file no one fetches)
-REQUEST_OPTIONS = ("factor", "method", "steps", "refine", "adapt", "seed", "precision", "chunk_size")
+REQUEST_OPTIONS = ("factor", "method", "phase_fusion", "steps", "refine", "adapt", "seed", "precision", "chunk_size")
 
 
 class UpsampleTask(InferTask):
