@@ -18,6 +18,7 @@ SCD0000101/0201/0301 and phantoms, heart region): docs/README.md, "Fusion over p
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -29,6 +30,7 @@ from .upsample import narrower_than
 # narrowest gap fused: chosen on the training studies and phantoms (docs/README.md)
 DEFAULT_FRACTION = 0.15
 FUSE_FROM_MM = 16.0
+logger = logging.getLogger(__name__)
 
 
 def register_onto(fixed: torch.Tensor, moving: torch.Tensor, settings: FlowSettings = FlowSettings()) -> torch.Tensor:
@@ -107,6 +109,8 @@ class PhaseFusion:
         gaps, phases = middles.shape[:2]
         reason = why_not_fused(phases, gap_mm, self.fraction, self.from_mm)
         if reason:
+            if reason not in self.kept:  # expected at narrow gaps, so told, not warned
+                logger.info("fusion over phases left out (%s)", reason)
             self.kept.add(reason)
             return middles
         middles = fuse_phases(middles, fusion_window(phases, self.fraction), device=self.device)
@@ -118,13 +122,8 @@ class PhaseFusion:
     def describe(self):
         report = dict(self.inner.describe())
         report["phase_fusion"] = self.fraction
-        if self.kept:
-            report["notes"] = [
-                *report.get("notes", ()),
-                f"fusion over phases left out ({', '.join(sorted(self.kept))}): it needs neighbours at least "
-                f"{self.from_mm:g} mm apart (measured to lose below) and a cine with phases within "
-                f"{self.fraction:g} of the cycle",
-            ]
+        if self.kept:  # it needs neighbours from_mm apart (it lost below) and the phases within the fraction
+            report["phase_fusion_left_out"] = sorted(self.kept)
         return report
 
     def close(self):

@@ -1,5 +1,5 @@
 """Fusion over phases: a still cine is left as it is; too few phases and narrow gaps are left as
-predicted, and the log says so; a moving noisy cine comes closer to its clean truth; a phantom
+predicted, and the report says so; a moving noisy cine comes closer to its clean truth; a phantom
 x2 from 16 mm beats the flow midpoint; the bisection hands it whole cines; the options refuse
 what it cannot do; the CLI fuses by default only where it was measured to help."""
 
@@ -59,8 +59,7 @@ def test_what_is_left_as_predicted_is_said(phases, gap_mm, reason):
     plain, fused = inner(cine, cine.roll(1, dims=-1), gap_mm), predictor(cine, cine.roll(1, dims=-1), gap_mm)
     assert why_not_fused(phases, gap_mm) == reason
     assert torch.equal(fused, plain) == (reason is not None)
-    notes = predictor.describe().get("notes", [])
-    assert (reason in notes[0]) if reason else not notes
+    assert predictor.describe().get("phase_fusion_left_out") == ([reason] if reason else None)
 
 
 def test_a_noisy_moving_cine_comes_closer_to_its_clean_truth():
