@@ -98,11 +98,6 @@ class PhaseFusion:
         self.progress = progress
         self.fused, self.kept = 0, set()  # slices fused; why others were left as predicted
 
-    def __getattr__(self, name):  # falls_back, model, ...: the inner predictor's
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     @torch.inference_mode()
     def __call__(self, left, right, gap_mm=None, phase_offset=0):
         middles = self.inner(left, right, gap_mm, phase_offset=phase_offset)
