@@ -203,22 +203,11 @@ def inference_speed(
         "generated_slices": generated,
         "torch_threads": torch.get_num_threads(),
     }
+    model_spec = (weights, preset, temporal)
     for name, chunk in runs:
+        args = (model_spec, stack, factor, steps, chunk, str(device), precision, method, phase_fusion)
         with context.Pool(1) as pool:
-            measured = pool.apply(
-                _upsample_once,
-                (
-                    (weights, preset, temporal),
-                    stack,
-                    factor,
-                    steps,
-                    chunk,
-                    str(device),
-                    precision,
-                    method,
-                    phase_fusion,
-                ),
-            )
+            measured = pool.apply(_upsample_once, args)
         measured["seconds_per_generated_slice"] = measured["seconds"] / generated
         result[name] = measured
     return result
