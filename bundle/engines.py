@@ -24,6 +24,7 @@ from .devices import as_device_tensor, needs_grad_scaler, precision_context, unw
 from .losses import kl_divergence
 from .options import as_flag
 from .sampling import DEFAULT_PREDICTION, PREDICTIONS, conditioning_latents
+from .transforms import central_square
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         mean_fraction=0.0,
         image_loss_weight=0.0,
         image_ssim_weight=0.0,
+        image_loss_px=None,
         **kwargs,
     ):
         """``mean_fraction``: the share of each batch trained at the deterministic start of a
@@ -240,11 +242,14 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         return, ``base + D(z(base) + r) - D(z(base))``, against the true slice (through the frozen
         decoder): the latent MSE alone does not see what the decoder makes of a small correction.
         ``image_ssim_weight``: adds 1 - SSIM of that slice to its L1, within the image loss: the
-        decoded correction's fine texture costs SSIM more than it gains in L1."""
+        decoded correction's fine texture costs SSIM more than it gains in L1. ``image_loss_px``:
+        the image loss sees only the central square of that side of each item (the heart, as the
+        validator's ``score_px``), where every model over flow gained least; None: all of it."""
         super().__init__(*args, **kwargs)
         self.mean_fraction = float(mean_fraction)
         self.image_loss_weight = float(image_loss_weight)
         self.image_ssim_weight = float(image_ssim_weight)
+        self.image_loss_px = None if image_loss_px is None else int(image_loss_px)
         self.ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0) if self.image_ssim_weight else None
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -311,6 +316,7 @@ class LatentDiffusionTrainer(_CaLIDTrainer):
         return base + decode(z_base + correction.float() / self.latent_scale.value).float() - decoded_base
 
     def _image_loss(self, corrected, image):
+        corrected, image = central_square(corrected, self.image_loss_px), central_square(image, self.image_loss_px)
         loss = F.l1_loss(corrected, image)
         if self.ssim_loss is not None:
             loss = loss + self.image_ssim_weight * self.ssim_loss(corrected, image.float())

@@ -14,6 +14,7 @@ from ignite.engine import Events
 from .devices import as_device_tensor
 from .metrics import psnr, ssim
 from .sampling import DEFAULT_PREDICTION, SliceSampler
+from .transforms import central_square
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,7 @@ class InterpolationValidator:
         return result
 
     def _scored(self, images):
-        if self.score_px is None:
-            return images
-        x0, y0 = [max(0, (size - self.score_px) // 2) for size in images.shape[2:4]]
-        return images[:, :, x0 : x0 + self.score_px, y0 : y0 + self.score_px]
+        return central_square(images, self.score_px)
 
     def __call__(self, engine):
         if len(self.dataset) == 0:

@@ -35,6 +35,15 @@ class IntensityScaler:
         return x * (self.high - self.low) + self.low
 
 
+def central_square(images: torch.Tensor, side=None) -> torch.Tensor:
+    """The central ``side`` x ``side`` pixels of ``(N, C, X, Y)`` images (all of them for None):
+    training and validation items are centred on the LV, so this is the heart region."""
+    if side is None:
+        return images
+    x0, y0 = [max(0, (size - int(side)) // 2) for size in images.shape[2:4]]
+    return images[:, :, x0 : x0 + int(side), y0 : y0 + int(side)]
+
+
 def resample_inplane(images: torch.Tensor, size) -> torch.Tensor:
     """Resample the last two axes of ``(N, C, X, Y)`` images to ``size`` (bilinear, antialiased)."""
     size = tuple(int(s) for s in size)

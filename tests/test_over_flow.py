@@ -266,6 +266,16 @@ def test_the_image_loss_scores_the_slice_the_one_step_sample_returns():
     with torch.no_grad():
         expected = torch.nn.functional.l1_loss(sample, truth) + 0.5 * (1 - ssim(sample, truth).mean())
         torch.testing.assert_close(with_ssim._image_loss(sample, truth), expected, rtol=1e-4, atol=1e-5)
+    # image_loss_px: only the central square counts (the heart of an LV-centred item)
+    heart = over_flow_trainer(network, info.latent_scale, mean_fraction=0.5, image_loss_weight=1.0, image_loss_px=16)
+    elsewhere = truth.clone()
+    elsewhere[..., :8, :] += 1.0
+    elsewhere[..., 24:, :] -= 1.0
+    with torch.no_grad():
+        centre = torch.nn.functional.l1_loss(sample[..., 8:24, 8:24], truth[..., 8:24, 8:24])
+        torch.testing.assert_close(heart._image_loss(sample, truth), centre)
+        torch.testing.assert_close(heart._image_loss(sample, elsewhere), centre)
+        assert loss < trainer._image_loss(sample, elsewhere)  # the whole-item loss sees it
 
 
 def test_warm_start_over_flow_continues_weights_already_over_flow(tmp_path):
