@@ -53,38 +53,51 @@ def heart_box(stack, centre_xy=None, heart_mm=HEART_MM):
     return x0, min(x, x0 + 2 * half[0]), y0, min(y, y0 + 2 * half[1])
 
 
-def scores(pred, truth, box):
-    """Mean PSNR/SSIM over slices (N, X, Y), whole slice and heart box (network scale)."""
+def scores(pred, truth, box, per_slice=False):
+    """Mean PSNR/SSIM over slices (N, X, Y), whole slice and heart box (network scale); with
+    ``per_slice`` also the heart scores of each slice, in order (for paired comparisons)."""
     p, t = torch.as_tensor(pred, dtype=torch.float32)[:, None], torch.as_tensor(truth, dtype=torch.float32)[:, None]
     x0, x1, y0, y1 = box
     ph, th = p[..., x0:x1, y0:y1], t[..., x0:x1, y0:y1]
-    return {
-        "psnr": float(psnr(p, t).mean()),
-        "ssim": float(ssim(p, t).mean()),
-        "psnr_heart": float(psnr(ph, th).mean()),
-        "ssim_heart": float(ssim(ph, th).mean()),
-    }
+    heart = {"psnr_heart": psnr(ph, th), "ssim_heart": ssim(ph, th)}
+    result = {"psnr": float(psnr(p, t).mean()), "ssim": float(ssim(p, t).mean())}
+    result.update({k: float(v.mean()) for k, v in heart.items()})
+    if per_slice:
+        result.update({f"{k}_per_slice": [round(float(x), 5) for x in v] for k, v in heart.items()})
+    return result
 
 
 def leave_one_out(stack, predictors: dict, centre_xy=None, phases=None, perceptual=None, heart_mm=HEART_MM):
     """Predict every inner slice from its acquired neighbours with each predictor.
 
     Returns (scores per method, predictions per method as (inner slices, phases, X, Y) in
-    scanner intensities). ``phases`` restricts the phases (default all); ``perceptual`` a
-    :class:`bundle.metrics.PerceptualMetrics` adds LPIPS/rFID on the whole slice."""
+    scanner intensities); the scores hold each slice's heart scores too, as lists of inner
+    slices of lists of phases. ``phases`` restricts the phases (default all); ``perceptual`` a
+    :class:`bundle.metrics.PerceptualMetrics` adds LPIPS/rFID on the whole slice. A
+    :class:`PhaseFusion` over another of the ``predictors`` fuses that one's predictions instead
+    of predicting them again (its time includes theirs)."""
     phases = list(range(stack.shape[3])) if phases is None else list(phases)
     scaler = IntensityScaler.fit(stack.array)
     slices = torch.from_numpy(np.ascontiguousarray(stack.array[..., phases].transpose(2, 3, 0, 1), dtype=np.float64))
     truth = scaler(slices[1:-1].flatten(0, 1).numpy())
     box = heart_box(stack, centre_xy, heart_mm)
-    result, predictions = {}, {}
+    gap = 2 * stack.slice_spacing  # two acquisitions apart
+    result, predictions, done = {}, {}, {}  # done: id(predictor) -> (its prediction, seconds)
     for name, predictor in predictors.items():
         start = time.perf_counter()
-        pred = predictor(slices[:-2], slices[2:], 2 * stack.slice_spacing)  # two acquisitions apart
-        seconds = time.perf_counter() - start
+        inner = done.get(id(getattr(predictor, "inner", None)))
+        if isinstance(predictor, PhaseFusion) and inner is not None:
+            pred = predictor.fuse(inner[0], gap)
+            seconds = time.perf_counter() - start + inner[1]
+        else:
+            pred = predictor(slices[:-2], slices[2:], gap)
+            seconds = time.perf_counter() - start
+        done[id(predictor)] = pred, seconds
         logger.info("%s: %d slices in %.1f s", name, pred.shape[0] * pred.shape[1], seconds)
         scaled = scaler(pred.flatten(0, 1).numpy())
-        result[name] = scores(scaled, truth, box)
+        result[name] = scores(scaled, truth, box, per_slice=True)
+        for key in ("psnr_heart_per_slice", "ssim_heart_per_slice"):  # [inner slice][phase]
+            result[name][key] = np.reshape(result[name][key], pred.shape[:2]).tolist()
         result[name]["seconds_per_slice"] = seconds / len(scaled)
         _add_adaptation(result[name], predictor)
         if perceptual is not None:
@@ -192,8 +205,8 @@ def make_predictors(
     (:mod:`bundle.temporal`): flow-phases, calid-phases."""
     flow = FlowMidpoints(device=device)
     predictors = {"linear": linear_midpoints, "flow": flow}
-    if phase_fusion:
-        predictors["flow-phases"] = PhaseFusion(FlowMidpoints(device=device), phase_fusion, device=device)
+    if phase_fusion:  # over the plain predictor itself, so that leave_one_out fuses its predictions
+        predictors["flow-phases"] = PhaseFusion(flow, phase_fusion, device=device)
     if reference:
         predictors["tvl1"] = TVL1Reference()
     if model is not None:
@@ -206,9 +219,7 @@ def make_predictors(
                 predictors[f"latent-{how}"] = LearnedMidpoints(model, pre, latent_blend=how, **common)
         predictors["calid"] = LearnedMidpoints(model, pre, num_steps=steps, **common)
         if phase_fusion:
-            predictors["calid-phases"] = PhaseFusion(
-                LearnedMidpoints(model, pre, num_steps=steps, **common), phase_fusion, device=device
-            )
+            predictors["calid-phases"] = PhaseFusion(predictors["calid"], phase_fusion, device=device)
         predictors["calid+"] = LearnedMidpoints(model, pre, num_steps=steps, refine=True, **common)
         if adapt:
             from .adapt import LeaveOneOutAdapted, adapt_model

@@ -69,8 +69,8 @@ def report_markdown(report) -> str:
         ]
         first = next(iter(stacks.values()))
         names = list(first)
-        mean = {
-            m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k in first[m] if k != "adaptation"}
+        mean = {  # of the scores; not of what varies in shape (per-slice lists, adaptation records)
+            m: {k: float(np.mean([v[m][k] for v in stacks.values()])) for k, x in first[m].items() if _number(x)}
             for m in names
         }
         for method in names:
@@ -105,6 +105,10 @@ def _adaptation_lines(report):
         "| input | method | steps | triplets | seconds |",
         "|---|---|---|---|---|",
     ] + rows
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fmt(value, digits):

@@ -100,7 +100,12 @@ class PhaseFusion:
 
     @torch.inference_mode()
     def __call__(self, left, right, gap_mm=None, phase_offset=0):
-        middles = self.inner(left, right, gap_mm, phase_offset=phase_offset)
+        return self.fuse(self.inner(left, right, gap_mm, phase_offset=phase_offset), gap_mm)
+
+    @torch.inference_mode()
+    def fuse(self, middles, gap_mm):
+        """The inner predictor's (gaps, phases, X, Y) slices between neighbours ``gap_mm`` apart,
+        fused over phases where that was measured to help (else returned as they are)."""
         gaps, phases = middles.shape[:2]
         reason = why_not_fused(phases, gap_mm, self.fraction, self.from_mm)
         if reason:

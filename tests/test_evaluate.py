@@ -137,6 +137,31 @@ def test_leave_one_out_tells_predictors_their_neighbours_are_two_slices_apart(ph
     assert seen == [pytest.approx(16.0)]
 
 
+def test_fused_rows_fuse_the_plain_predictions_without_predicting_again(phantom_subject):
+    from bundle.temporal import PhaseFusion, fuse_phases
+
+    calls = []
+
+    class Plain:
+        def __call__(self, left, right, gap_mm, **_):
+            calls.append(gap_mm)
+            return 0.5 * (left + right)
+
+        def describe(self):
+            return {"method": "plain"}
+
+    plain, stack = Plain(), phantom_subject.sparse  # 3 phases: a window of 1 phase each side at 0.34
+    result, predictions = leave_one_out(stack, {"plain": plain, "fused": PhaseFusion(plain, 0.34, from_mm=0)})
+    assert len(calls) == 1
+    expected = fuse_phases(torch.from_numpy(predictions["plain"]), 1).numpy()
+    np.testing.assert_allclose(predictions["fused"], expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(predictions["fused"], predictions["plain"])
+    for scores in result.values():  # each slice's heart scores, inner slices by phases
+        assert np.shape(scores["psnr_heart_per_slice"]) == (stack.shape[2] - 2, stack.shape[3])
+        assert np.mean(scores["psnr_heart_per_slice"]) == pytest.approx(scores["psnr_heart"], abs=1e-4)
+        assert np.mean(scores["ssim_heart_per_slice"]) == pytest.approx(scores["ssim_heart"], abs=1e-4)
+
+
 def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tmp_path):
     """The Sunnybrook ED/ES layout (NAME.nii.gz + NAME_labels.nii.gz, each image windowed on its
     own): every slice is rescaled to its own 99th percentile before any method sees it."""
@@ -153,11 +178,17 @@ def test_labelled_stacks_are_normalised_per_slice_and_scored(phantom_subject, tm
     np.testing.assert_allclose(np.percentile(stack.array, 99, axis=(0, 1)), 1.0, rtol=1e-6)
     lv = np.argwhere(labels.array[..., 0] > 0)
     assert centre == pytest.approx(tuple(lv[:, :2].mean(0)))
+    # a second patient with fewer slices: the mean over stacks of unlike sizes
+    write_nifti(SaxStack(uneven[:, :, :5], s.sparse.affine, {"was_3d": True}), folder / "P2_phase00.nii.gz")
+    fewer = SaxStack(labels.array[:, :, :5], s.sparse.affine, {"was_3d": True})
+    write_nifti(fewer, folder / "P2_phase00_labels.nii.gz", dtype=np.uint8)
     report = evaluate(tmp_path / "ev", labelled_stacks=folder, perceptual=False, reference=False)
-    assert list(report["labelled_stacks"]) == ["P1_phase00"]
+    assert list(report["labelled_stacks"]) == ["P1_phase00", "P2_phase00"]
     assert list(report["labelled_stacks"]["P1_phase00"]) == ["linear", "flow", "flow-phases"]
     text = (tmp_path / "ev" / "report.md").read_text()
-    assert "mean over 1 stacks" in text and "beats linear in the heart region: flow" in text
+    assert "mean over 2 stacks" in text and "beats linear in the heart region: flow" in text
+    mean_flow = np.mean([v["flow"]["psnr_heart"] for v in report["labelled_stacks"].values()])
+    assert f"| {mean_flow:.2f} |" in next(line for line in text.splitlines() if line.startswith("| 2 | flow |"))
 
 
 def test_the_evaluate_command_takes_the_functions_options(phantom_dir, tmp_path, capsys):
