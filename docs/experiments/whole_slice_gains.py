@@ -9,7 +9,9 @@ is how much of a crop gain survives on whole slices, and how checkpoints rank th
         --regression eval/regression_over_flow/best.pt --flow-correction eval/flow_correction/best.pt
 
 A checkpoint is exported beside itself (``NAME_model/``) with the VAE and the record of its run
-(``RUN/autoencoder/autoencoder.pt``, ``RUN/best.json``). Prints one JSON line per network.
+(``RUN/autoencoder/autoencoder.pt``, ``RUN/best.json``). Prints one JSON line per network; with
+``--report FILE`` also writes every stack's scores as `calid evaluate` does (``labelled_stacks``,
+each slice's too), for paired_gains.py.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main():
     parser.add_argument("--checkpoints", default="[]", help="a Python list of training checkpoints")
     parser.add_argument("--regression", type=Path, help="regression_over_flow.py's best.pt (head residual)")
     parser.add_argument("--flow-correction", type=Path, help="its best.pt with --head flow")
+    parser.add_argument("--report", type=Path, help="write the stacks' scores here (JSON)")
     args = parser.parse_args()
     folders = [Path(m) for m in ast.literal_eval(args.models)]
     folders += [export_checkpoint(Path(c)) for c in ast.literal_eval(args.checkpoints)]
@@ -76,6 +79,7 @@ def main():
     if args.flow_correction:
         experiments["flow correction (c)"] = ExperimentMidpoints("flow", args.flow_correction)
     gains = {name: [] for name in [*models, *experiments]}
+    per_stack = {}
     for path in sorted(args.stacks.glob("*.nii.gz")):
         if path.name.endswith("_labels.nii.gz"):
             continue
@@ -84,7 +88,7 @@ def main():
         predictors.update(
             {name: LearnedMidpoints(m, m.preprocessor(stack), num_steps=m.info.steps) for name, m in models.items()}
         )
-        scores = leave_one_out(stack, predictors, centre)[0]
+        scores = per_stack[path.name[: -len(".nii.gz")]] = leave_one_out(stack, predictors, centre)[0]
         for name in gains:
             gains[name].append(
                 (
@@ -92,6 +96,8 @@ def main():
                     scores[name]["ssim_heart"] - scores["flow"]["ssim_heart"],
                 )
             )
+    if args.report:
+        args.report.write_text(json.dumps({"real": {}, "labelled_stacks": per_stack}, indent=1))
     for name, rows in gains.items():
         report = {
             "network": name,
