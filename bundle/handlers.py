@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
 from ignite.engine import Events
 
 from .devices import as_device_tensor
+from .errors import InputRefused
 from .metrics import psnr, ssim
 from .sampling import DEFAULT_PREDICTION, SliceSampler
 from .transforms import central_square
@@ -234,6 +236,51 @@ def sampler_predictor(
         return sampler(cond, generator=generator, z_start=z_start, base=batch.get("base"), gap_mm=batch.get("gap_mm"))
 
     return predict
+
+
+class TimeBox:
+    """Stop training cleanly once ``minutes`` have passed since this run started (None: no
+    limit), so that a run fits the time a machine is lent for: the iteration in progress ends,
+    the trainer terminates, the checkpoint handler saves at COMPLETED and the config's last steps
+    (weights, export of the best validated ones) follow; the next run resumes from that
+    checkpoint with a fresh box. Every process of a distributed run stops at the same iteration
+    (rank 0's clock decides)."""
+
+    def __init__(self, minutes=None):
+        minutes = _minutes(minutes)
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.start = None
+
+    def attach(self, engine):
+        if self.seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine):
+        self.start = time.monotonic()
+
+    def _check(self, engine):
+        stop = torch.tensor([float(time.monotonic() - self.start >= self.seconds)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stop = stop.to(getattr(engine.state, "device", None) or "cpu")
+            torch.distributed.broadcast(stop, src=0)
+        if stop.item():
+            logger.info("time box of %.4g minutes reached at iteration %d", self.seconds / 60, engine.state.iteration)
+            engine.terminate()
+
+
+def _minutes(value):
+    """None (no limit) or a positive number of minutes; bundle overrides arrive as strings."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        minutes = float("nan") if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        minutes = float("nan")
+    if not minutes > 0:
+        raise InputRefused(f"max_minutes must be a positive number of minutes (or None: no limit), got {value!r}")
+    return minutes
 
 
 class StopOnNan:

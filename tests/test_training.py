@@ -150,12 +150,39 @@ def test_kill_and_resume(phantom_dir, tmp_path):
     assert trainer.state.iteration == n + 2
 
 
+def test_a_time_box_stops_the_run_cleanly_and_the_next_run_resumes(phantom_dir, tmp_path):
+    """--max_minutes: the run ends after the iteration that passes the box (here the first),
+    saves its checkpoint and weights as a finished run does; the next run carries on from it."""
+    from bundle.handlers import latest_checkpoint
+
+    out = tmp_path / "run"
+    for expected in (1, 2):  # a box of 60 microseconds: one iteration per run
+        wf = workflow([AE], dataset_dir=str(phantom_dir), output_dir=str(out), max_epochs=3, max_minutes="1e-6")
+        wf.run()
+        wf.finalize()
+        assert latest_checkpoint(out / "checkpoints").name == f"checkpoint_{expected}.pt"
+        assert (out / "autoencoder.pt").is_file()
+
+
+def test_the_time_box_reads_overrides_and_refuses_nonsense():
+    from bundle.errors import InputRefused
+    from bundle.handlers import TimeBox
+
+    assert TimeBox(None).seconds is None and TimeBox("None").seconds is None and TimeBox("null").seconds is None
+    assert TimeBox("1.5").seconds == 90.0 and TimeBox(40).seconds == 2400.0
+    for bad in ("soon", 0, -3, True, "nan"):
+        with pytest.raises(InputRefused, match="max_minutes must be a positive number"):
+            TimeBox(bad)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
-def test_torchrun_two_processes_gloo(phantom_dir, tmp_path):
+@pytest.mark.parametrize("max_minutes", [None, "1e-6"])
+def test_torchrun_two_processes_gloo(phantom_dir, tmp_path, max_minutes):
+    """Both ranks train in step; with a time box, rank 0's clock stops both at the same iteration."""
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-        str(ROOT / "tests" / "ddp_worker.py"), str(phantom_dir), str(out),
+        str(ROOT / "tests" / "ddp_worker.py"), str(phantom_dir), str(out), *([max_minutes] if max_minutes else []),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
@@ -163,6 +190,8 @@ def test_torchrun_two_processes_gloo(phantom_dir, tmp_path):
     a = torch.load(out / "rank0.pt", weights_only=True)
     b = torch.load(out / "rank1.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] > 0
+    if max_minutes:  # the box ends the run after the first iteration, on both ranks
+        assert a["iteration"] == 1
     for key in a["network"]:
         torch.testing.assert_close(a["network"][key], b["network"][key], rtol=0, atol=0)
     assert (out / "autoencoder.pt").is_file()
