@@ -15,6 +15,7 @@ from ignite.engine import Events
 from .devices import as_device_tensor
 from .errors import InputRefused
 from .metrics import psnr, ssim
+from .options import _as_number
 from .sampling import DEFAULT_PREDICTION, SliceSampler
 from .transforms import central_square
 
@@ -274,10 +275,7 @@ def _minutes(value):
     """None (no limit) or a positive number of minutes; bundle overrides arrive as strings."""
     if value is None or str(value).strip().lower() in ("", "none", "null"):
         return None
-    try:
-        minutes = float("nan") if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        minutes = float("nan")
+    minutes = _as_number(value)
     if not minutes > 0:
         raise InputRefused(f"max_minutes must be a positive number of minutes (or None: no limit), got {value!r}")
     return minutes

@@ -138,12 +138,17 @@ def _number(value):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
+def _as_number(value):
+    """A number from a number or a numeric string (a bundle override); nan for anything else."""
+    try:
+        return float(value) if isinstance(value, str) else _number(value)
+    except ValueError:
+        return float("nan")
+
+
 def _fraction(value, name):
     """A number in [0, 0.5) from a number or a numeric string (a bundle override)."""
-    try:
-        number = float(value) if isinstance(value, str) else _number(value)
-    except ValueError:
-        number = float("nan")
+    number = _as_number(value)
     if not 0 <= number < 0.5:
         raise InputRefused(f"{name} must be a fraction of the cycle from 0 to below 0.5, got {value!r}")
     return number

@@ -24,7 +24,7 @@ from bundle.evaluate import leave_one_out
 from bundle.inference import LearnedMidpoints
 from bundle.io import read_sax
 from bundle.motion import FlowMidpoints
-from bundle.studies import dicom_folder, lv_centre_from_contours, per_slice_normalised_stack
+from bundle.studies import dicom_folder, labelled_stack_paths, lv_centre_from_contours, per_slice_normalised_stack
 from bundle.temporal import DEFAULT_FRACTION, fuse_phases, fusion_window
 from bundle.weights import load_model
 
@@ -68,7 +68,7 @@ def main():
     args = parser.parse_args()
     model, scales = load_model(args.weights), ast.literal_eval(args.scales)
     for folder in args.data:
-        stacks = sorted(p for p in folder.glob("*.nii.gz") if not p.name.endswith("_labels.nii.gz"))
+        stacks = labelled_stack_paths(folder)
         if stacks:  # labelled stacks: the mean over stacks, as calid evaluate averages them
             rows = [gains(*per_slice_normalised_stack(p), model, scales, fuse=False) for p in stacks]
         else:

@@ -27,7 +27,7 @@ import torch
 from bundle.evaluate import leave_one_out
 from bundle.inference import LearnedMidpoints
 from bundle.motion import FlowMidpoints, flow_conditioning
-from bundle.studies import per_slice_normalised_stack
+from bundle.studies import labelled_stack_paths, per_slice_normalised_stack
 from bundle.weights import export_model, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,9 +80,7 @@ def main():
         experiments["flow correction (c)"] = ExperimentMidpoints("flow", args.flow_correction)
     gains = {name: [] for name in [*models, *experiments]}
     per_stack = {}
-    for path in sorted(args.stacks.glob("*.nii.gz")):
-        if path.name.endswith("_labels.nii.gz"):
-            continue
+    for path in labelled_stack_paths(args.stacks):
         stack, centre = per_slice_normalised_stack(path)
         predictors = {"flow": FlowMidpoints(), **experiments}
         predictors.update(
