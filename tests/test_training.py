@@ -175,6 +175,21 @@ def test_the_time_box_reads_overrides_and_refuses_nonsense():
             TimeBox(bad)
 
 
+def test_a_bad_time_box_is_refused_in_one_line_before_anything_is_written(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", AE, "--meta_file", META, "--bundle_root", str(ROOT),
+        "--preset", "tiny", "--dataset_dir", str(phantom_dir), "--output_dir", str(out), "--max_minutes", "soon",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "calid: error: max_minutes must be a positive number of minutes (or None: no limit), got 'soon'"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("max_minutes", [None, "1e-6"])
 def test_torchrun_two_processes_gloo(phantom_dir, tmp_path, max_minutes):
