@@ -7,7 +7,8 @@ real DICOM studies are also scored fused over phases (as the product fuses at th
     OMP_NUM_THREADS=2 python docs/experiments/correction_scale.py eval/edes_val \
         ../shared/data/sunnybrook-scd/SCD0000401 --weights models --scales "[0.5, 0.75, 1, 1.25, 1.5]"
 
-Prints one JSON line per data set and scale.
+Prints one JSON line per data set and scale, and linear interpolation's gain over flow from the
+same run (scale "linear").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bundle.io import read_sax
 from bundle.motion import FlowMidpoints
 from bundle.studies import dicom_folder, labelled_stack_paths, lv_centre_from_contours, per_slice_normalised_stack
 from bundle.temporal import DEFAULT_FRACTION, fuse_phases, fusion_window
+from bundle.upsample import linear_midpoints
 from bundle.weights import load_model
 
 
@@ -40,21 +42,23 @@ class Given:
 
 
 def gains(stack, centre, model, scales, fuse):
-    """{scale: (heart PSNR gain, heart SSIM gain) over flow}, and over fused flow if ``fuse``."""
+    """{scale: (heart PSNR gain, heart SSIM gain) over flow}, and over fused flow if ``fuse``;
+    "linear": linear interpolation's, the baseline, over flow."""
     learned = LearnedMidpoints(model, model.preprocessor(stack), num_steps=model.info.steps)
-    _, pred = leave_one_out(stack, {"flow": FlowMidpoints(), "calid": learned}, centre)
+    _, pred = leave_one_out(stack, {"linear": linear_midpoints, "flow": FlowMidpoints(), "calid": learned}, centre)
     flow, correction = pred["flow"], pred["calid"] - pred["flow"]
     mixes = {"flow": flow, **{f"{s:g}": flow + s * correction for s in scales}}
     if fuse:
         window = fusion_window(stack.shape[3], DEFAULT_FRACTION)
         mixes.update({f"{k} fused": fuse_phases(torch.from_numpy(v), window).numpy() for k, v in list(mixes.items())})
+    mixes["linear"] = pred["linear"]
     scored = leave_one_out(stack, {k: Given(v) for k, v in mixes.items()}, centre)[0]
 
     def over(name, base):
         a, b = scored[name], scored[base]
         return a["psnr_heart"] - b["psnr_heart"], a["ssim_heart"] - b["ssim_heart"]
 
-    result = {f"{s:g}": over(f"{s:g}", "flow") for s in scales}
+    result = {"linear": over("linear", "flow"), **{f"{s:g}": over(f"{s:g}", "flow") for s in scales}}
     if fuse:
         result.update({f"{s:g} fused": over(f"{s:g} fused", "flow fused") for s in scales})
     return result

@@ -28,6 +28,7 @@ from bundle.evaluate import leave_one_out
 from bundle.inference import LearnedMidpoints
 from bundle.motion import FlowMidpoints, flow_conditioning
 from bundle.studies import labelled_stack_paths, per_slice_normalised_stack
+from bundle.upsample import linear_midpoints
 from bundle.weights import export_model, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,11 +79,11 @@ def main():
         experiments["regression (e)"] = ExperimentMidpoints("residual", args.regression)
     if args.flow_correction:
         experiments["flow correction (c)"] = ExperimentMidpoints("flow", args.flow_correction)
-    gains = {name: [] for name in [*models, *experiments]}
+    gains = {name: [] for name in ["linear", *models, *experiments]}  # linear: the baseline beside flow
     per_stack = {}
     for path in labelled_stack_paths(args.stacks):
         stack, centre = per_slice_normalised_stack(path)
-        predictors = {"flow": FlowMidpoints(), **experiments}
+        predictors = {"linear": linear_midpoints, "flow": FlowMidpoints(), **experiments}
         predictors.update(
             {name: LearnedMidpoints(m, m.preprocessor(stack), num_steps=m.info.steps) for name, m in models.items()}
         )
