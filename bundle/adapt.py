@@ -37,6 +37,12 @@ def check_adaptable(model: CaLIDModel, stack=None):
             f"{model.source} is base {model.info.base}, prediction {model.info.prediction}, "
             f"{model.info.spatial_dims}D"
         )
+    if model.network.flow_correction is not None:
+        # adapting trains the denoiser on the uncorrected conditioning: it would learn the wrong input
+        raise InputRefused(
+            f"adapt is not built for weights with a flow-correction head ({model.source}); "
+            f"use weights without one, or leave --adapt off"
+        )
     if stack is not None and stack.shape[2] < 3:
         raise InputRefused(
             f"adapt needs at least 3 slices (a slice between two others); the input has {stack.shape[2]}"

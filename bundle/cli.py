@@ -107,6 +107,36 @@ class Commands:
         evaluate(out_dir, **options)
         print((Path(out_dir) / "report.md").read_text())
 
+    def attach_flow_correction(self, model_dir, head, out_dir, record=None):
+        """Add a trained flow-correction head to a model over flow, as a new model folder.
+
+        The head (bundle.networks.FlowCorrection, trained by docs/experiments/regression_over_flow.py
+        --head flow) moves and blends the flow midpoint's pixels before the denoiser corrects it.
+
+        Args:
+            model_dir: a model folder over flow (model.pt, model.json), e.g. models.
+            head: the head's weights, a plain state dict (that script's OUT/best.pt).
+            out_dir: the new model folder (refused if it already holds weights).
+            record: a JSON file on how the head was trained and chosen (that script's
+                OUT/report.json), kept in model.json as flow_correction_record.
+        """
+        import json
+
+        from .weights import attach_flow_correction
+
+        data = None
+        if record is not None:
+            try:
+                data = json.loads(Path(record).read_text())
+            except (OSError, ValueError) as e:
+                raise InputRefused(f"--record {record} cannot be read as JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise InputRefused(f"--record {record} does not hold a JSON object")
+            data.pop("history", None)  # the validation curve stays in the run's folder
+        if not Path(head).is_file():
+            raise InputRefused(f"no head weights at {head}")
+        print(f"wrote {attach_flow_correction(model_dir, head, out_dir, record=data)}")
+
     def package(self, out_dir, overwrite=False, update_hashes=False):
         """Build the model-zoo zip after the zoo's offline checks.
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .devices import precision_context
-from .motion import FlowMidpoints, flow_conditioning
+from .motion import FlowMidpoints
 from .transforms import SlicePreprocessor, cyclic_frames
 from .weights import CaLIDModel
 
@@ -142,7 +142,7 @@ class LearnedMidpoints:
             neighbours, base = torch.cat([a, b], 1).to(self.device), None
             if self.model.info.base == "flow" and not self.latent_blend:
                 # the model corrects the flow midpoint, seeing the neighbours warped half way
-                neighbours = flow_conditioning(neighbours[:, :1], neighbours[:, 1:])
+                neighbours = self.model.network.over_flow(neighbours[:, :1], neighbours[:, 1:], gap_mm)
                 base = neighbours[:, 2:3]
             z_start = None
             if self.model.info.start == "mean" and not (self.refine or self.latent_blend):

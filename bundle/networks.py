@@ -14,9 +14,10 @@ Sizes come from the configs; :data:`PRESETS` holds the three named sets they sta
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.nets import AutoencoderKL, BasicUNet, ControlNet, DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
+from .motion import flow_conditioning, warp
 from .sampling import DEFAULT_PREDICTION, LATENT_INPUTS, SliceSampler, make_noise_scheduler
 
 PRESETS = {
@@ -231,16 +232,50 @@ def build_networks(spatial_dims, net: dict):
     return autoencoder, build_denoiser(spatial_dims, net)
 
 
+FLOW_CORRECTION_FEATURES = [16, 32, 48, 64, 64, 16]  # BasicUNet's six widths: 0.4 M parameters
+FLOW_CORRECTION_GAP_MM = 40.0  # the head sees gap / 40 mm, about [0, 1] over the trained gaps
+
+
+class FlowCorrection(nn.Module):
+    """A learned correction of the flow midpoint that moves and blends pixels but never paints
+    them, as video frame interpolation networks refine a flow: from the conditioning over flow
+    (N, 4, H, W: the neighbours warped half way, the midpoint, its weight) and the gap, a U-Net
+    predicts a displacement update (pixels) for each warped neighbour and softmax weights over
+    the two re-warped neighbours and the midpoint. Returns the same four channels with the
+    neighbours re-warped and the midpoint replaced by that blend: what the denoiser corrects.
+    The output convolution starts at zero with the midpoint's weight near 1 (logit 6 against
+    0), so an untrained head returns the flow midpoint up to about 5e-3 of the neighbours."""
+
+    def __init__(self, features=FLOW_CORRECTION_FEATURES, start_logit=6.0):
+        super().__init__()
+        self.unet = BasicUNet(spatial_dims=2, in_channels=5, out_channels=7, features=tuple(features))
+        nn.init.zeros_(self.unet.final_conv.weight)
+        with torch.no_grad():
+            self.unet.final_conv.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, start_logit]))
+
+    def forward(self, conditioning, gap_mm=None):
+        n, _, h, w = conditioning.shape
+        gap = torch.as_tensor(0.0 if gap_mm is None else gap_mm, dtype=conditioning.dtype, device=conditioning.device)
+        gap = (gap / FLOW_CORRECTION_GAP_MM).reshape(-1, 1, 1, 1).expand(n, 1, h, w)
+        out = self.unet(torch.cat([conditioning, gap], 1))
+        left, right = warp(conditioning[:, 0:1], out[:, 0:2]), warp(conditioning[:, 1:2], out[:, 2:4])
+        candidates = torch.cat([left, right, conditioning[:, 2:3]], 1)
+        midpoint = (candidates * torch.softmax(out[:, 4:7], 1)).sum(1, keepdim=True)
+        return torch.cat([left, right, midpoint, conditioning[:, 3:4]], 1)
+
+
 class CaLIDNetwork(nn.Module):
-    """The VAE and the conditioned denoiser as one module: one state dict (``models/model.pt``,
-    keys ``autoencoder.*`` and ``denoiser.*``) beside ``model.json`` (preset, sizes, latent
-    scale, prediction, noise schedule). ``forward`` predicts middle slices from neighbours
-    (N, 2, H, W[, T])."""
+    """The VAE, the conditioned denoiser and an optional flow-correction head as one module: one
+    state dict (``models/model.pt``, keys ``autoencoder.*``, ``denoiser.*``, ``flow_correction.*``)
+    beside ``model.json`` (preset, sizes, latent scale, prediction, noise schedule). ``forward``
+    predicts middle slices from neighbours (N, 2, H, W[, T])."""
 
     def __init__(self, spatial_dims, net: dict, latent_scale=1.0, prediction=DEFAULT_PREDICTION, noise_schedule=None):
 
         super().__init__()
         self.autoencoder, self.denoiser = build_networks(spatial_dims, net)
+        # a learned correction of the flow midpoint, applied before the denoiser (models over flow)
+        self.flow_correction = FlowCorrection(net["flow_correction"]) if net.get("flow_correction") else None
         self.spatial_dims, self.net = int(spatial_dims), net
         self.latent_scale, self.prediction = float(latent_scale), prediction
         self.noise_schedule = dict(noise_schedule or {})  # the training schedule; {}: the default
@@ -250,6 +285,15 @@ class CaLIDNetwork(nn.Module):
     def from_info(cls, info):
         """From a :class:`bundle.weights.ModelInfo` (what ``model.json`` records)."""
         return cls(info.spatial_dims, info.net, info.latent_scale, info.prediction, info.noise_schedule)
+
+    def over_flow(self, left, right, gap_mm=None):
+        """The conditioning of a model over flow for neighbours (N, 1, H, W): the neighbours warped
+        half way, the flow midpoint (the base) and its weight; with a flow-correction head, the
+        head's re-warped neighbours and corrected midpoint instead."""
+        conditioning = flow_conditioning(left, right)
+        if self.flow_correction is not None:
+            conditioning = self.flow_correction(conditioning, gap_mm)
+        return conditioning
 
     def sampler(self, num_steps=1):
         return SliceSampler(

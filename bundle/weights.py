@@ -18,7 +18,7 @@ import torch
 from .devices import unwrap
 from .errors import InputRefused
 from .io import atomic_write
-from .networks import PRESETS, CaLIDNetwork
+from .networks import FLOW_CORRECTION_FEATURES, PRESETS, CaLIDNetwork, FlowCorrection
 from .sampling import (
     DEFAULT_NOISE_SCHEDULE,
     DEFAULT_PREDICTION,
@@ -105,6 +105,11 @@ class ModelInfo:
         channels = self.net.get("conditioning_channels", 2)
         if channels != CONDITIONING_CHANNELS[self.base]:
             refuse(f"base {self.base} conditions on {CONDITIONING_CHANNELS[self.base]} channels, net says {channels}")
+        head = self.net.get("flow_correction")
+        if head and self.base != "flow":
+            refuse(f"a flow_correction head needs base flow, not {self.base}")
+        if head and not (isinstance(head, list) and len(head) == 6 and all(isinstance(f, int) and f > 0 for f in head)):
+            refuse(f"net.flow_correction must list six positive widths (BasicUNet's), got {head!r}")
         if self.net.get("latent_inputs") and self.prediction != "residual":
             refuse("latent_inputs needs prediction residual (the base's latent is one of the inputs)")
         if self.latent_scale is not None and not _positive(self.latent_scale):
@@ -305,6 +310,37 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
     info.updated(stage="model", autoencoder_trained_on=ae_info.trained_on).write(out_dir / "model.json")
+    return out_dir
+
+
+def attach_flow_correction(model_dir, head_path, out_dir, record=None) -> Path:
+    """A model folder over flow plus a trained :class:`bundle.networks.FlowCorrection` (a plain
+    state dict, ``head_path``) as a new folder ``out_dir``: the same weights with the head's
+    (keys ``flow_correction.*``, fp16) and ``net.flow_correction`` set, ``record`` (a dict:
+    how the head was trained and chosen) kept as ``flow_correction_record``. Refuses a head
+    that does not fit, a model not over flow, and an ``out_dir`` that already holds weights."""
+    folder, out_dir = check_weights(model_dir), Path(out_dir)
+    taken = [name for name in WEIGHT_FILES if (out_dir / name).exists()]
+    if taken:
+        raise InputRefused(f"{out_dir} already holds {', '.join(taken)}: choose a new folder")
+    info = ModelInfo.read(folder / "model.json")
+    if info.base != "flow":
+        raise InputRefused(f"{folder}: a flow-correction head needs a model over flow, this one is base {info.base}")
+    head = FlowCorrection()
+    try:
+        head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
+    except Exception as e:  # not a torch file, or a state dict of another network
+        raise InputRefused(
+            f"{head_path} is not a flow-correction head's state dict: {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("flow_correction.")}  # replace an older head
+    state.update({f"flow_correction.{k}": v.half() for k, v in head.state_dict().items()})
+    extra = {**info.extra, "flow_correction_record": record} if record else info.extra
+    info = info.updated(net={**info.net, "flow_correction": list(FLOW_CORRECTION_FEATURES)}, extra=extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+    info.write(out_dir / "model.json")
     return out_dir
 
 

@@ -42,7 +42,7 @@ def test_adapting_fine_tunes_a_copy_deterministically(phantom_subject):
 
 def test_adapt_refuses_before_any_work(tmp_path, phantom_subject):
     with pytest.raises(InputRefused, match="adapt is for method calid"):
-        UpsampleOptions(adapt=10)
+        UpsampleOptions(method="flow", adapt=10)
     with pytest.raises(InputRefused, match="adapt must be a whole number"):
         UpsampleOptions(method="calid", adapt=-1)
     over_linear = write_tiny_weights(tmp_path / "linear", prediction="residual")

@@ -153,7 +153,8 @@ def test_bundle_batch_config_fails_on_a_failed_study(cohort, tmp_path):
         (["--step", "3"], "calid upsample-batch has no option --step"),
         (["--factor", "3"], "factor must be a power of two"),
         (["--method", "calid", "--weights", "/nowhere"], "no CaLID weights in /nowhere"),
-        (["--weights", "/nowhere"], "weights is for method calid"),
+        (["--weights", "/nowhere"], "no CaLID weights in /nowhere"),  # the default method is calid
+        (["--method", "flow", "--weights", "models"], "weights is for method calid"),
     ],
 )
 def test_refuses_before_touching_any_study(cohort, tmp_path, capsys, args, message):

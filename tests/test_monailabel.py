@@ -63,7 +63,7 @@ def test_server_returns_the_dense_volume_with_its_geometry(phantom_dir, tmp_path
                 time.sleep(1)
         assert info["models"]["calid_upsample"]["config"] == {  # the bundle's own names and defaults
             "factor": 4,
-            "method": "flow",
+            "method": "calid",
             "phase_fusion": 0.15,
             "steps": None,
             "refine": False,

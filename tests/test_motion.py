@@ -118,15 +118,39 @@ def test_flow_beats_linear_against_the_phantoms_dense_truth():
 
 
 @pytest.mark.parametrize("factor", [2, 4])
-def test_cli_flow_meets_the_contract_and_is_the_default(phantom_subject, tmp_path, factor, capsys):
+def test_cli_flow_meets_the_contract(phantom_subject, tmp_path, factor, capsys):
     from bundle.io import write_nifti
 
     write_nifti(phantom_subject.sparse, tmp_path / "in.nii.gz")
-    main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz"), "--factor", str(factor)])
+    main(
+        [
+            "upsample",
+            str(tmp_path / "in.nii.gz"),
+            str(tmp_path / "out.nii.gz"),
+            "--factor",
+            str(factor),
+            "--method",
+            "flow",
+        ]
+    )
     dense = read_sax(tmp_path / "out.nii.gz")
     assert_contract(read_sax(tmp_path / "in.nii.gz"), dense, factor)
     assert np.isfinite(dense.array).all()
     assert f"(flow, x{factor})" in capsys.readouterr().out
+
+
+def test_the_default_is_the_shipped_model_with_flow_between_close_neighbours(phantom_subject, tmp_path, capsys, caplog):
+    """The default method is calid with the shipped weights; the phantom's 8 mm gaps are below
+    their fallback_below_mm (16), so every new slice is the flow midpoint, and the user is told."""
+    from bundle.io import write_nifti
+
+    write_nifti(phantom_subject.sparse, tmp_path / "in.nii.gz")
+    main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "default.nii.gz"), "--factor", "2"])
+    out = capsys.readouterr().out
+    main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "flow.nii.gz"), "--factor", "2", "--method", "flow"])
+    assert "(calid, 1 steps, x2)" in out
+    assert "flow midpoints between neighbours 8 mm apart" in caplog.text
+    np.testing.assert_array_equal(read_sax(tmp_path / "default.nii.gz").array, read_sax(tmp_path / "flow.nii.gz").array)
 
 
 def test_cli_refuses_model_options_with_flow(phantom_subject, tmp_path, capsys):
@@ -135,7 +159,7 @@ def test_cli_refuses_model_options_with_flow(phantom_subject, tmp_path, capsys):
     write_nifti(phantom_subject.sparse, tmp_path / "in.nii.gz")
     for extra in (["--steps", "4"], ["--refine"], ["--weights", "models"], ["--samples", "3"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), *extra])
+            main(["upsample", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), "--method", "flow", *extra])
         assert exit_info.value.code == 2
         assert "calid" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()

@@ -7,15 +7,17 @@ import pytest
 import torch
 from conftest import ROOT
 
+from bundle.adapt import check_adaptable
 from bundle.errors import InputRefused
 from bundle.inference import LearnedMidpoints
 from bundle.metrics import ssim
 from bundle.motion import FlowMidpoints, flow_conditioning
-from bundle.networks import CaLIDNetwork, preset
+from bundle.networks import FLOW_CORRECTION_FEATURES, CaLIDNetwork, FlowCorrection, preset
 from bundle.upsample import upsample_stack
 from bundle.weights import (
     CaLIDModel,
     ModelInfo,
+    attach_flow_correction,
     export_model,
     extract_autoencoder,
     load_model,
@@ -350,3 +352,66 @@ def test_the_trainer_gives_latent_inputs_in_the_samplers_units():
         ModelInfo.from_dict(
             {"spatial_dims": 2, "net": {**preset("tiny"), "latent_inputs": True}, "prediction": "epsilon"}
         )
+
+
+def test_the_flow_correction_head_starts_at_flow_and_moves_pixels():
+    """An untrained head returns (about) the flow midpoint and the conditioning's own weight;
+    its first two outputs displace the left neighbour, its blend logits choose among the
+    re-warped neighbours and the midpoint (channel order as the docstring says)."""
+    torch.manual_seed(0)
+    head = FlowCorrection()
+    cond = torch.rand(2, 4, 32, 32)
+    out = head(cond, 16.0)
+    assert out.shape == cond.shape and torch.equal(out[:, 3], cond[:, 3])
+    torch.testing.assert_close(out[:, 2], cond[:, 2], rtol=0, atol=5e-3)  # softmax (e^-6, e^-6, 1)
+    with torch.no_grad():  # left neighbour read 2 pixels on along the second axis, and chosen alone
+        head.unet.final_conv.bias.copy_(torch.tensor([0.0, 2.0, 0, 0, 30.0, 0, 0]))
+    out = head(cond, torch.tensor([8.0, 30.0]))
+    torch.testing.assert_close(out[:, 2, :, :28], cond[:, 0, :, 2:30], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out[:, 2], out[:, 0], rtol=0, atol=1e-6)
+
+
+def test_a_flow_correction_head_is_attached_loaded_and_used(tmp_path, phantom_subject):
+    torch.manual_seed(0)
+    info = over_flow_info()
+    network = CaLIDNetwork.from_info(info)  # untrained denoiser: returns its base exactly
+    save_weights(network.autoencoder, tmp_path / "autoencoder.pt", info.updated(stage="autoencoder"))
+    save_weights(network.denoiser, tmp_path / "diffusion.pt", info.updated(stage="diffusion"))
+    plain = export_model(tmp_path / "autoencoder.pt", tmp_path / "diffusion.pt", tmp_path / "plain", half=False)
+    head = FlowCorrection()
+    with torch.no_grad():
+        head.unet.final_conv.bias.copy_(torch.tensor([0.0, 1.0, 0, -1.0, 0, 0, 0]))  # a correction
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    folder = attach_flow_correction(plain, tmp_path / "head.pt", tmp_path / "headed", record={"chosen_on": "x"})
+    model = load_model(folder)
+    assert model.info.net["flow_correction"] == FLOW_CORRECTION_FEATURES
+    assert model.info.extra["flow_correction_record"] == {"chosen_on": "x"}
+    assert ModelInfo.read(plain / "model.json").net.get("flow_correction") is None  # the source is untouched
+    stack = phantom_subject.sparse
+    learned = upsample_stack(stack, 2, LearnedMidpoints(model, model.preprocessor(stack), num_steps=1, fallback=False))
+    # the untrained denoiser returns its base: the head's corrected midpoint, computed here by hand
+    a = torch.from_numpy(stack.array[:, :, 0:1, 0].transpose(2, 0, 1)[:, None]).float()
+    b = torch.from_numpy(stack.array[:, :, 1:2, 0].transpose(2, 0, 1)[:, None]).float()
+    pre = model.preprocessor(stack)
+    gap_mm = stack.slice_spacing
+    want = head(flow_conditioning(pre.forward(a), pre.forward(b)), gap_mm)[:, 2:3]
+    want = pre.inverse(want)[0, 0].detach().numpy()
+    np.testing.assert_allclose(learned.array[:, :, 1, 0], want, rtol=0, atol=1e-3 * np.abs(want).max())
+    flow = upsample_stack(stack, 2, FlowMidpoints())
+    assert not np.allclose(learned.array[:, :, 1, 0], flow.array[:, :, 1, 0], atol=1e-3)
+    with pytest.raises(InputRefused, match="already holds model.pt"):
+        attach_flow_correction(plain, tmp_path / "head.pt", folder)
+    torch.save({"unet.conv_0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(InputRefused, match="not a flow-correction head"):
+        attach_flow_correction(plain, tmp_path / "bad.pt", tmp_path / "bad")
+    with pytest.raises(InputRefused, match="adapt is not built for weights with a flow-correction head"):
+        check_adaptable(model)
+
+
+def test_model_info_refuses_a_flow_correction_head_it_cannot_use():
+    net = dict(preset("tiny"), flow_correction=FLOW_CORRECTION_FEATURES)
+    with pytest.raises(InputRefused, match="needs base flow"):
+        ModelInfo.from_dict({"spatial_dims": 2, "net": net})
+    net = dict(net, conditioning_channels=4, flow_correction=[16, 32])
+    with pytest.raises(InputRefused, match="six positive widths"):
+        ModelInfo.from_dict({"spatial_dims": 2, "net": net, "base": "flow", "prediction": "residual"})

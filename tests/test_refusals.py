@@ -291,3 +291,24 @@ def test_short_options_are_refused_not_guessed(tmp_path, capsys):
     """fire would read `-o out.nii.gz` as --overwrite: refuse single-dash options outright."""
     path = save_nifti(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 3, 2)))
     assert_refused(capsys, tmp_path, path, "short options such as -o are not supported", ("-o", "x.nii.gz"))
+
+
+def test_attaching_a_flow_correction_head_refuses_what_it_cannot_use(tmp_path, capsys):
+    import torch
+    from conftest import write_tiny_weights
+
+    from bundle.networks import FlowCorrection
+
+    over_linear = write_tiny_weights(tmp_path / "linear", prediction="residual")
+    torch.save(FlowCorrection().state_dict(), tmp_path / "head.pt")
+    (tmp_path / "record.json").write_text("{not json")
+    before = sorted(tmp_path.rglob("*"))
+    cases = [
+        ((over_linear, tmp_path / "head.pt"), "a flow-correction head needs a model over flow"),
+        ((over_linear, tmp_path / "missing.pt"), "no head weights at"),
+        ((over_linear, tmp_path / "head.pt", "--record", tmp_path / "record.json"), "cannot be read as JSON"),
+    ]
+    for (model, head, *record), message in cases:
+        assert run_cli("attach-flow-correction", str(model), str(head), str(tmp_path / "out"), *map(str, record)) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before, "nothing may be written on refusal"

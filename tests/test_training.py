@@ -372,7 +372,11 @@ def test_model_info_owns_model_json(tmp_path):
     shipped = ROOT / "models" / "model.json"
     info = ModelInfo.read(shipped)
     assert info.write(tmp_path / "model.json").read_text() == shipped.read_text()
-    assert info.extra == {k: v for k, v in json.loads(shipped.read_text()).items() if k in ("validation", "recipe")}
+    assert info.extra == {
+        k: v
+        for k, v in json.loads(shipped.read_text()).items()
+        if k in ("validation", "recipe", "flow_correction_record")
+    }
     from bundle.networks import preset
 
     minimal = ModelInfo.from_dict({"spatial_dims": 2, "net": preset("cpu")})

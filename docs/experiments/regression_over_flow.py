@@ -16,6 +16,11 @@ patients and on SCD0000401 leave-one-out (neighbours two acquisitions apart, eve
 as JSON on stdout and in OUT/report.json.
 
     OMP_NUM_THREADS=2 python docs/experiments/regression_over_flow.py OUT --minutes 15 [--head flow]
+
+``--iterations N`` stops after N iterations as well (the time box alone ends at a different
+iteration on every machine); ``--init BEST_PT`` continues a run, which must then beat its start.
+The flow-correction head that ships in ``models/`` since 0.8.0 is ``--head flow`` chosen at
+iteration 1,200: ``calid attach-flow-correction`` adds such a head to a model folder.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from bundle.flow_triplets import (
     study_triplets,
 )
 from bundle.metrics import psnr, ssim
+from bundle.networks import FLOW_CORRECTION_GAP_MM as GAP_SCALE
+from bundle.networks import FlowCorrection
 from bundle.studies import labelled_stack_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 CINE = ROOT.parent / "shared" / "data" / "sunnybrook-scd"
 LABELLED = ROOT.parent / "shared" / "data" / "sunnybrook-scd-edes"
-GAP_SCALE = 40.0  # mm: the gap channel is gap / 40, about [0, 1] over the trained gaps
 
 
 class RegressionOverFlow(torch.nn.Module):
@@ -58,24 +64,11 @@ class RegressionOverFlow(torch.nn.Module):
         return conditioning[:, 2:3] + self.unet(torch.cat([conditioning, gap], 1))
 
 
-class FlowCorrectionOverFlow(torch.nn.Module):
-    """(c): displacement updates (pixels) for the two warped neighbours and a 3-way blend."""
-
-    def __init__(self, features=(16, 32, 48, 64, 64, 16), start_logit=6.0):
-        super().__init__()
-        self.unet = BasicUNet(spatial_dims=2, in_channels=5, out_channels=7, features=features)
-        torch.nn.init.zeros_(self.unet.final_conv.weight)
-        with torch.no_grad():  # blend weights (e^-6, e^-6, 1) / sum at the start: the flow midpoint
-            self.unet.final_conv.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, start_logit]))
+class FlowCorrectionOverFlow(FlowCorrection):
+    """(c): the bundle's flow-correction head, scored by the midpoint it returns."""
 
     def forward(self, conditioning, gap_mm):
-        from bundle.motion import warp
-
-        gap = (gap_mm.float() / GAP_SCALE).view(-1, 1, 1, 1).expand(-1, 1, *conditioning.shape[2:])
-        out = self.unet(torch.cat([conditioning, gap], 1))
-        left, right = warp(conditioning[:, 0:1], out[:, 0:2]), warp(conditioning[:, 1:2], out[:, 2:4])
-        weights = torch.softmax(out[:, 4:7], 1)
-        return (torch.cat([left, right, conditioning[:, 2:3]], 1) * weights).sum(1, keepdim=True)
+        return super().forward(conditioning, gap_mm)[:, 2:3]
 
 
 HEADS = {"residual": RegressionOverFlow, "flow": FlowCorrectionOverFlow}
@@ -105,12 +98,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--iterations", type=int, help="also stop after this many (a run any machine repeats)")
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head", choices=sorted(HEADS), default="residual")
+    parser.add_argument("--init", type=Path, help="continue from this best.pt (chosen against its own score)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -124,12 +119,20 @@ def main():
     val = FlowTriplets(collect(val_parts), size=(128, 128), augment=False)
     test = FlowTriplets(collect([study_triplets(CINE / "SCD0000401", gaps=(1,))]), size=(128, 128), augment=False)
     model = HEADS[args.head]()
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, drop_last=True)
     best, history, iteration, start = {"psnr": 0.0, "iteration": 0}, [], 0, time.time()
-    torch.save(ema.module.state_dict(), args.out / "best.pt")  # flow itself until something beats it
-    while time.time() - start < args.minutes * 60:
+    if args.init:  # what it continues from must be beaten, as flow must be from scratch
+        best = {**score(ema.module, val), "iteration": 0}
+    torch.save(ema.module.state_dict(), args.out / "best.pt")  # the start until something beats it
+
+    def done():
+        return time.time() - start > args.minutes * 60 or (args.iterations and iteration >= args.iterations)
+
+    while not done():
         for batch in loader:
             loss = F.l1_loss(model(batch["neighbours"], batch["gap_mm"]), batch["image"])
             optimizer.zero_grad()
@@ -144,7 +147,7 @@ def main():
                 if gain["psnr"] > best["psnr"]:
                     best = {**gain, "iteration": iteration}
                     torch.save(ema.module.state_dict(), args.out / "best.pt")
-            if time.time() - start > args.minutes * 60:
+            if done():
                 break
     model.load_state_dict(torch.load(args.out / "best.pt", weights_only=True))
     report = {

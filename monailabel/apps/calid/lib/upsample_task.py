@@ -28,7 +28,7 @@ class UpsampleTask(InferTask):
             type=InferType.OTHERS,
             labels=None,
             dimension=3,
-            description="Dense short-axis cine stack by bisection: flow (default), calid or linear midpoints",
+            description="Dense short-axis cine stack by bisection: calid (the default), flow or linear midpoints",
             config={name: getattr(defaults, name) for name in REQUEST_OPTIONS},
         )
         self.weights_dir = weights_dir
@@ -39,7 +39,7 @@ class UpsampleTask(InferTask):
 
     def __call__(self, request):
         values = {name: request[name] for name in REQUEST_OPTIONS if request.get(name) is not None}
-        if values.get("method", "flow") == "calid":
+        if values.get("method", UpsampleOptions.method) == "calid":
             values["weights"] = self.weights_dir
         options = UpsampleOptions.of(**values, device=request.get("device") or self.device)
         handle, output = tempfile.mkstemp(suffix=".nii.gz", prefix="calid_")
