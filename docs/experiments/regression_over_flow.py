@@ -18,7 +18,8 @@ as JSON on stdout and in OUT/report.json.
     OMP_NUM_THREADS=2 python docs/experiments/regression_over_flow.py OUT --minutes 15 [--head flow]
 
 ``--iterations N`` stops after N iterations as well (the time box alone ends at a different
-iteration on every machine); ``--init BEST_PT`` continues a run, which must then beat its start.
+iteration on every machine; two threads instead of one gave other weights, most likely through
+torch's CPU reductions); ``--init BEST_PT`` continues a run, which must then beat its start.
 The flow-correction head that ships in ``models/`` since 0.8.0 is ``--head flow`` chosen at
 iteration 1,200: ``calid attach-flow-correction`` adds such a head to a model folder.
 """
@@ -98,7 +99,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--iterations", type=int, help="also stop after this many (a run any machine repeats)")
+    parser.add_argument("--iterations", type=int, help="also stop after this many iterations")
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
