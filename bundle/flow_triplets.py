@@ -2,8 +2,10 @@
 
 An item is a triplet (s(n - g), s(n), s(n + g)) seen as the model over flow sees it:
 ``neighbours`` (4, H, W) = the two neighbours warped half way along their flow, the flow
-midpoint and its weight against the linear blend (:func:`bundle.motion.flow_conditioning`);
-``base`` (1, H, W) = the flow midpoint, the slice the model corrects; ``image`` (1, H, W) = s(n);
+midpoint and its weight against the linear blend (:func:`bundle.motion.flow_conditioning`), or,
+for a model over a flow-correction head, what that head makes of them (its re-warped neighbours
+and corrected midpoint, as :meth:`bundle.networks.CaLIDNetwork.over_flow` at inference);
+``base`` (1, H, W) = the (corrected) midpoint, the slice the model corrects; ``image`` (1, H, W) = s(n);
 ``gap_mm`` = the distance between the neighbours. Intensities are network scale (about [0, 1]).
 
 Sources, each read once and its flow computed on whole slices (cropping first would cut the
@@ -116,12 +118,16 @@ def phantom_triplets(seed, half_gaps=(1, 2, 3, 4), phases=4, size=160, every=4) 
 
 
 @torch.no_grad()
-def with_flow(triplets: Triplets, chunk=32) -> dict:
-    """Compute the flow conditioning of every triplet once (float16 to halve the memory)."""
+def with_flow(triplets: Triplets, chunk=32, correction=None) -> dict:
+    """Compute the flow conditioning of every triplet once (float16 to halve the memory), on
+    whole slices, through the frozen flow-correction head ``correction`` if one is given."""
     conditioning = []
     for start in range(0, len(triplets.gap_mm), chunk):
         sl = slice(start, start + chunk)
-        conditioning.append(flow_conditioning(triplets.left[sl], triplets.right[sl]).half())
+        planes = flow_conditioning(triplets.left[sl], triplets.right[sl])
+        if correction is not None:
+            planes = correction(planes, triplets.gap_mm[sl])
+        conditioning.append(planes.half())
     return {
         "neighbours": torch.cat(conditioning),
         "image": triplets.middle.half(),
@@ -130,15 +136,16 @@ def with_flow(triplets: Triplets, chunk=32) -> dict:
     }
 
 
-def collect(parts: list[Triplets]) -> dict:
-    """Flow conditioning for a list of sources, concatenated (sources must share a slice size;
-    others are centre-cropped or padded to the first's)."""
+def collect(parts: list[Triplets], correction=None) -> dict:
+    """Flow conditioning (through ``correction``, see :func:`with_flow`) for a list of sources,
+    concatenated (sources must share a slice size; others are centre-cropped or padded to the
+    first's)."""
     parts = [p for p in parts if p is not None]
     size = parts[0].middle.shape[-2:]
     computed = []
     for part in parts:
         logger.info("flow for %d triplets of %s", len(part.gap_mm), part.name)
-        item = with_flow(part)
+        item = with_flow(part, correction=correction)
         if item["image"].shape[-2:] != size:
             item = _fit(item, size)
         computed.append(item)
@@ -200,11 +207,12 @@ class FlowTriplets(Dataset):
         }
 
 
-def flow_datasets(train_parts, val_parts, size=(128, 128), seed=0, max_val=64):
-    """The training dataset (augmented) and a fixed, evenly spread validation subset."""
+def flow_datasets(train_parts, val_parts, size=(128, 128), seed=0, max_val=64, correction=None):
+    """The training dataset (augmented) and a fixed, evenly spread validation subset; with a
+    flow-correction head ``correction``, both condition on its output."""
     from torch.utils.data import Subset
 
-    train = FlowTriplets(collect(train_parts), size=size, augment=True, seed=seed)
-    full_val = FlowTriplets(collect(val_parts), size=size, augment=False)
+    train = FlowTriplets(collect(train_parts, correction), size=size, augment=True, seed=seed)
+    full_val = FlowTriplets(collect(val_parts, correction), size=size, augment=False)
     val = Subset(full_val, evenly_spread(len(full_val), max_val))
     return train, val

@@ -195,13 +195,20 @@ def save_weights(module, path, info: ModelInfo) -> Path:
     return path
 
 
+def part_of(state, name):
+    """The ``name.*`` tensors of an exported ``model.pt`` state dict, without the prefix; a
+    state dict with no such keys (one network's own file) is returned as it is."""
+    prefix = name + "."
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def init_weights(network, path=None):
     """Warm start: load a plain state dict (fp16 shipped weights too) into ``network``; no-op for None."""
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if any(k.startswith("denoiser.") for k in state):  # an exported model.pt: take its denoiser
-            state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
-        network.load_state_dict(state)
+        network.load_state_dict(part_of(state, "denoiser"))  # an exported model.pt: its denoiser
     return network
 
 
@@ -214,8 +221,7 @@ def warm_start_over_flow(network, path):
     Weights already trained over flow are loaded as they are; where the new denoiser takes more
     inputs (``latent_inputs``), their filters start at zero, so it still returns what they did."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if any(k.startswith("denoiser.") for k in state):
-        state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
+    state = part_of(state, "denoiser")
     own = network.state_dict()
     if own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items()):
         network.load_state_dict({k: v.float() for k, v in state.items()})
@@ -243,7 +249,7 @@ def extract_autoencoder(model_dir, out_path) -> Path:
     folder = check_weights(model_dir)
     info = ModelInfo.read(folder / "model.json")
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    vae = {k[len("autoencoder.") :]: v.float() for k, v in state.items() if k.startswith("autoencoder.")}
+    vae = {k: v.float() for k, v in part_of(state, "autoencoder").items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, lambda tmp: torch.save(vae, tmp))
@@ -290,10 +296,12 @@ def best_or_last(output_dir):
     return best if best.is_file() else Path(output_dir) / "diffusion.pt"
 
 
-def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
+def export_model(autoencoder_path, diffusion_path, out_dir, half=True, flow_correction=None) -> Path:
     """Combine a training run's ``autoencoder.pt`` and diffusion weights (``best.pt`` or
     ``diffusion.pt``), each with its record, into ``OUT_DIR/model.pt`` + ``model.json``
-    (fp16 by default: half the size, and inference runs in float32 anyway)."""
+    (fp16 by default: half the size, and inference runs in float32 anyway). A denoiser trained
+    over a flow-correction head (its record's ``net.flow_correction``) is exported with that
+    head (``flow_correction``: the run's copy, :func:`keep_flow_correction`), and only with it."""
     autoencoder_path, diffusion_path, out_dir = Path(autoencoder_path), Path(diffusion_path), Path(out_dir)
     ae_info, info = ModelInfo.beside(autoencoder_path), ModelInfo.beside(diffusion_path)
     last = diffusion_path.with_name("diffusion.json")
@@ -303,14 +311,67 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True) -> Path:
         info.latent_scale = ModelInfo.read(last).latent_scale
     if ae_info.net.get("vae_channels") != info.net.get("vae_channels"):
         raise InputRefused(f"{autoencoder_path} and {diffusion_path} describe different VAEs")
+    if bool(info.net.get("flow_correction")) != (flow_correction is not None):
+        raise InputRefused(
+            f"{diffusion_path} was trained "
+            + ("over a flow-correction head: export it with that head" if flow_correction is None else "without a head")
+        )
     state = {}
     for prefix, path in (("autoencoder", autoencoder_path), ("denoiser", diffusion_path)):
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
             state[f"{prefix}.{key}"] = value.half() if half and value.is_floating_point() else value
+    if flow_correction is not None:
+        state, info = _with_head(state, info, read_flow_correction(flow_correction))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
     info.updated(stage="model", autoencoder_trained_on=ae_info.trained_on).write(out_dir / "model.json")
     return out_dir
+
+
+def export_run(run_dir, out_dir, weights=None) -> Path:
+    """A diffusion run's folder as a model folder: its VAE (``RUN/autoencoder/autoencoder.pt``),
+    ``weights`` (default: :func:`best_or_last`) and its head's copy (``RUN/flow_correction.pt``),
+    if it trained over one; the layout ``configs/train_diffusion.json`` writes by default."""
+    run = Path(run_dir)
+    head = run / "flow_correction.pt"
+    return export_model(
+        run / "autoencoder" / "autoencoder.pt",
+        weights or best_or_last(run),
+        out_dir,
+        flow_correction=head if head.is_file() else None,
+    )
+
+
+def read_flow_correction(path) -> FlowCorrection:
+    """A trained :class:`bundle.networks.FlowCorrection` from ``path``: its plain state dict, or
+    a ``model.pt`` holding one (keys ``flow_correction.*``). Refuses anything else."""
+    head = FlowCorrection()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head.load_state_dict({k: v.float() for k, v in part_of(state, "flow_correction").items()})
+    except Exception as e:  # missing, not a torch file, or a state dict of another network
+        raise InputRefused(
+            f"{path} holds no flow-correction head: {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
+    return head
+
+
+def keep_flow_correction(source, out_path) -> Path:
+    """The head in ``source`` (see :func:`read_flow_correction`) as a training run's own plain
+    state dict ``out_path``: the run's export and its checkpoints' exports take it from there."""
+    head = read_flow_correction(source)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, lambda tmp: torch.save(head.state_dict(), tmp))
+    return out_path
+
+
+def _with_head(state, info, head, record=None):
+    """``state`` and ``info`` of a model folder with ``head``'s weights (fp16) in place of any older head."""
+    state = {k: v for k, v in state.items() if not k.startswith("flow_correction.")}
+    state.update({f"flow_correction.{k}": v.half() for k, v in head.state_dict().items()})
+    extra = {**info.extra, "flow_correction_record": record} if record else info.extra
+    return state, info.updated(net={**info.net, "flow_correction": list(FLOW_CORRECTION_FEATURES)}, extra=extra)
 
 
 def attach_flow_correction(model_dir, head_path, out_dir, record=None) -> Path:
@@ -326,18 +387,9 @@ def attach_flow_correction(model_dir, head_path, out_dir, record=None) -> Path:
     info = ModelInfo.read(folder / "model.json")
     if info.base != "flow":
         raise InputRefused(f"{folder}: a flow-correction head needs a model over flow, this one is base {info.base}")
-    head = FlowCorrection()
-    try:
-        head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
-    except Exception as e:  # not a torch file, or a state dict of another network
-        raise InputRefused(
-            f"{head_path} is not a flow-correction head's state dict: {(str(e).splitlines() or [type(e).__name__])[0]}"
-        ) from None
+    head = read_flow_correction(head_path)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("flow_correction.")}  # replace an older head
-    state.update({f"flow_correction.{k}": v.half() for k, v in head.state_dict().items()})
-    extra = {**info.extra, "flow_correction_record": record} if record else info.extra
-    info = info.updated(net={**info.net, "flow_correction": list(FLOW_CORRECTION_FEATURES)}, extra=extra)
+    state, info = _with_head(state, info, head, record)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
     info.write(out_dir / "model.json")

@@ -19,6 +19,7 @@ from bundle.weights import (
     ModelInfo,
     attach_flow_correction,
     export_model,
+    export_run,
     extract_autoencoder,
     load_model,
     save_weights,
@@ -135,9 +136,8 @@ def test_triplets_at_every_gap_from_each_source(tmp_path, phantom_subject):
         torch.testing.assert_close(item["base"], item["neighbours"][2:3])
 
 
-def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
-    """configs/train_diffusion_flow.json on a tiny preset and a phantom: one epoch, validation
-    against flow, export of a model over flow that loads."""
+def run_flow_training(tmp_path, **overrides):
+    """configs/train_diffusion_flow.json on a tiny preset and phantoms, one epoch, into tmp_path/run."""
     from monai.bundle import ConfigWorkflow
 
     residual = write_residual_tiny_weights(tmp_path / "warm")
@@ -161,15 +161,71 @@ def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
         val_parts="$[bundle.flow_triplets.phantom_triplets(6, half_gaps=(2,), phases=2, size=48)]",
         max_epochs=1,
         batch_size=8,
+        **overrides,
     )
     wf.initialize()
     wf.run()
-    rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
+    return tmp_path / "run"
+
+
+def test_the_flow_training_config_trains_validates_and_exports(tmp_path):
+    """One epoch, validation against flow, export of a model over flow that loads."""
+    run = run_flow_training(tmp_path)
+    rows = (run / "validation.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,iteration,val_psnr") and "val_psnr_baseline" in rows[0] and len(rows) == 3
-    model = load_model(tmp_path / "run" / "model")
+    model = load_model(run / "model")
     assert model.info.base == "flow" and model.info.trained_gaps_mm == [2.0, 8.0] and model.info.steps == 1
     assert model.info.net["latent_inputs"]  # the config's default since 0.6.0
-    assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["trained_on"] == ["phantom 5"]
+    assert model.network.flow_correction is None and not (run / "flow_correction.pt").exists()
+    assert json.loads((run / "model" / "model.json").read_text())["trained_on"] == ["phantom 5"]
+
+
+def test_the_flow_training_config_trains_over_a_flow_correction_head_and_exports_it(tmp_path):
+    """With ``flow_correction`` (here a model folder's model.pt holding a head) the run keeps a
+    copy of the head, conditions on its output, and exports the denoiser with it: the model that
+    loads applies the same head. Exporting that denoiser without its head is refused."""
+    head = moved_head()
+    torch.save({f"flow_correction.{k}": v.half() for k, v in head.state_dict().items()}, tmp_path / "holder.pt")
+    run = run_flow_training(tmp_path, flow_correction=str(tmp_path / "holder.pt"))
+    kept = torch.load(run / "flow_correction.pt", weights_only=True)
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(kept[key], value.half().float())
+    model = load_model(run / "model")
+    assert model.info.net["flow_correction"] == FLOW_CORRECTION_FEATURES
+    for key, value in kept.items():
+        torch.testing.assert_close(model.network.flow_correction.state_dict()[key], value.half().float())
+    with pytest.raises(InputRefused, match="trained over a flow-correction head: export it with that head"):
+        export_model(run / "autoencoder" / "autoencoder.pt", run / "diffusion.pt", tmp_path / "headless")
+    assert not (tmp_path / "headless").exists()
+    again = load_model(export_run(run, tmp_path / "again", run / "diffusion.pt"))  # the scripts' export finds the head
+    assert again.info.net["flow_correction"] == FLOW_CORRECTION_FEATURES
+
+
+def test_triplets_condition_on_the_heads_output_when_given_one():
+    """The training data over a head is what inference gives the denoiser: the head's output
+    on whole slices, its corrected midpoint the base."""
+    from bundle.flow_triplets import FlowTriplets, collect, stack_triplets
+
+    slices = np.random.default_rng(1).random((5, 2, 32, 32)).astype(np.float32)
+    part = stack_triplets(slices, 8.0, "s", gaps=(1,))
+    head = moved_head()
+    data = collect([part], correction=head)
+    with torch.no_grad():
+        want = head(flow_conditioning(part.left, part.right), part.gap_mm)
+    torch.testing.assert_close(data["neighbours"].float(), want.half().float())
+    plain = collect([part])["neighbours"].float()
+    assert (data["neighbours"][:, 2].float() - plain[:, 2]).abs().max() > 1e-2  # the head moved the midpoint
+    item = FlowTriplets(data, size=(32, 32), augment=False)[0]
+    torch.testing.assert_close(item["base"], want[0, 2:3].half().float())
+
+
+def moved_head():
+    """A flow-correction head whose output differs from the flow midpoint: every pixel of the
+    left neighbour moved by one pixel, the right by minus one, the midpoint's weight lowered."""
+    head = FlowCorrection()
+    with torch.no_grad():
+        head.unet.final_conv.bias.copy_(torch.tensor([0.0, 1.0, 0, -1.0, 0, 0, 0]))
+    return head.eval()
 
 
 def write_residual_tiny_weights(folder):
@@ -378,9 +434,7 @@ def test_a_flow_correction_head_is_attached_loaded_and_used(tmp_path, phantom_su
     save_weights(network.autoencoder, tmp_path / "autoencoder.pt", info.updated(stage="autoencoder"))
     save_weights(network.denoiser, tmp_path / "diffusion.pt", info.updated(stage="diffusion"))
     plain = export_model(tmp_path / "autoencoder.pt", tmp_path / "diffusion.pt", tmp_path / "plain", half=False)
-    head = FlowCorrection()
-    with torch.no_grad():
-        head.unet.final_conv.bias.copy_(torch.tensor([0.0, 1.0, 0, -1.0, 0, 0, 0]))  # a correction
+    head = moved_head()
     torch.save(head.state_dict(), tmp_path / "head.pt")
     folder = attach_flow_correction(plain, tmp_path / "head.pt", tmp_path / "headed", record={"chosen_on": "x"})
     model = load_model(folder)
@@ -402,7 +456,7 @@ def test_a_flow_correction_head_is_attached_loaded_and_used(tmp_path, phantom_su
     with pytest.raises(InputRefused, match="already holds model.pt"):
         attach_flow_correction(plain, tmp_path / "head.pt", folder)
     torch.save({"unet.conv_0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(InputRefused, match="not a flow-correction head"):
+    with pytest.raises(InputRefused, match="holds no flow-correction head"):
         attach_flow_correction(plain, tmp_path / "bad.pt", tmp_path / "bad")
     with pytest.raises(InputRefused, match="adapt is not built for weights with a flow-correction head"):
         check_adaptable(model)

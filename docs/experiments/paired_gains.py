@@ -6,6 +6,9 @@ a stack. Prints one JSON line per data set and pair of methods.
 
     python docs/experiments/paired_gains.py eval/paired/report.json \
         --pairs "[('calid-phases', 'flow-phases'), ('calid', 'flow')]"
+
+``--against OTHER.json`` compares two weights on the same data: the other report's methods are
+named ``against:METHOD`` in ``--pairs``, e.g. ``"[('calid', 'against:calid')]"``.
 """
 
 from __future__ import annotations
@@ -45,13 +48,24 @@ def summary(clusters: list[np.ndarray], equal_clusters=False, resamples=10000, s
     }
 
 
+def merge(report: dict, other: dict) -> dict:
+    """``report`` with the methods of ``other`` (the same studies and stacks) as ``against:METHOD``."""
+    for section in ("real", "labelled_stacks"):
+        for name, methods in report.get(section, {}).items():
+            methods.update({f"against:{k}": v for k, v in other.get(section, {}).get(name, {}).items()})
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", type=Path, nargs="+", help="calid evaluate's report.json files")
     parser.add_argument("--pairs", default="[('calid-phases', 'flow-phases'), ('calid', 'flow')]")
+    parser.add_argument("--against", type=Path, help="another report of the same data (methods 'against:NAME')")
     args = parser.parse_args()
     for path in args.reports:
         report = json.loads(path.read_text())
+        if args.against:
+            report = merge(report, json.loads(args.against.read_text()))
         for a, b in ast.literal_eval(args.pairs):
             for metric in ("psnr_heart", "ssim_heart"):
                 for study, methods in report["real"].items():

@@ -11,7 +11,7 @@ neighbours and the flow midpoint; the output convolution starts at zero with the
 weight near 1, so it starts at flow), and returns their blend: it can move and occlude, not
 paint.
 
-Reports the gain over flow (PSNR, SSIM; 128 x 128 crops around the LV) on the held-out ED/ES
+Reports the gain over flow (PSNR, SSIM; 128 x 128 crops around the LV, `--val-crop`) on the held-out ED/ES
 patients and on SCD0000401 leave-one-out (neighbours two acquisitions apart, every phase),
 as JSON on stdout and in OUT/report.json.
 
@@ -100,7 +100,8 @@ def main():
     parser.add_argument("out", type=Path)
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--iterations", type=int, help="also stop after this many iterations")
-    parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--crop", type=int, default=96, help="training crops (256: whole Sunnybrook slices)")
+    parser.add_argument("--val-crop", type=int, default=128, help="validation crops, around the LV")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--val-every", type=int, default=200)
@@ -117,8 +118,9 @@ def main():
         labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=HELD_OUT_PATIENTS)
     ]
     train = FlowTriplets(collect(train_parts), size=(args.crop, args.crop), augment=True, seed=args.seed)
-    val = FlowTriplets(collect(val_parts), size=(128, 128), augment=False)
-    test = FlowTriplets(collect([study_triplets(CINE / "SCD0000401", gaps=(1,))]), size=(128, 128), augment=False)
+    val_size = (args.val_crop, args.val_crop)
+    val = FlowTriplets(collect(val_parts), size=val_size, augment=False)
+    test = FlowTriplets(collect([study_triplets(CINE / "SCD0000401", gaps=(1,))]), size=val_size, augment=False)
     model = HEADS[args.head]()
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))

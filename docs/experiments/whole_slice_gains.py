@@ -9,7 +9,8 @@ is how much of a crop gain survives on whole slices, and how checkpoints rank th
         --regression eval/regression_over_flow/best.pt --flow-correction eval/flow_correction/best.pt
 
 A checkpoint is exported beside itself (``NAME_model/``) with the VAE and the record of its run
-(``RUN/autoencoder/autoencoder.pt``, ``RUN/best.json``). Prints one JSON line per network; with
+(``RUN/autoencoder/autoencoder.pt``, ``RUN/best.json``), and with the run's flow-correction head
+(``RUN/flow_correction.pt``) if it was trained over one. Prints one JSON line per network; with
 ``--report FILE`` also writes every stack's scores as `calid evaluate` does (``labelled_stacks``,
 each slice's too), for paired_gains.py.
 """
@@ -29,7 +30,7 @@ from bundle.inference import LearnedMidpoints
 from bundle.motion import FlowMidpoints, flow_conditioning
 from bundle.studies import labelled_stack_paths, per_slice_normalised_stack
 from bundle.upsample import linear_midpoints
-from bundle.weights import export_model, load_model
+from bundle.weights import export_run, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from regression_over_flow import HEADS  # noqa: E402
@@ -59,7 +60,7 @@ def export_checkpoint(path: Path) -> Path:
     weights = path.with_name(path.stem + "_ema.pt")
     torch.save({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}, weights)
     weights.with_suffix(".json").write_text((run / "best.json").read_text())
-    return export_model(run / "autoencoder" / "autoencoder.pt", weights, folder)
+    return export_run(run, folder, weights)
 
 
 def main():

@@ -28,8 +28,7 @@ timeout "$TRAIN_SECONDS" python3 -m monai.bundle run training \
     --cine_dir "$CINE" --labelled_dir "$LABELLED" --output_dir "$RUN" --max_epochs "$EPOCHS" \
     --batch_size "$BATCH" --image_loss_weight "$IMAGE_LOSS" > "$OUT/train.log" 2>&1
 echo "training: exit $? (124: the time box ended it; the best weights so far are kept)"
-python3 -c "import sys; from bundle.weights import best_or_last, export_model; \
-export_model(sys.argv[1] + '/autoencoder/autoencoder.pt', best_or_last(sys.argv[1]), sys.argv[2])" "$RUN" "$OUT/model"
+python3 -c "import sys; from bundle.weights import export_run; export_run(*sys.argv[1:])" "$RUN" "$OUT/model"
 mkdir -p "$OUT/edes_val"
 for patient in $(python3 -c "from bundle.flow_triplets import HELD_OUT_PATIENTS; print(*HELD_OUT_PATIENTS)"); do
     ln -sf "$(realpath "$LABELLED")/$patient"_* "$OUT/edes_val/"
