@@ -236,6 +236,15 @@ FLOW_CORRECTION_FEATURES = [16, 32, 48, 64, 64, 16]  # BasicUNet's six widths: 0
 FLOW_CORRECTION_GAP_MM = 40.0  # the head sees gap / 40 mm, about [0, 1] over the trained gaps
 
 
+def gap_plane(gap_mm, conditioning):
+    """The gap (mm; a number, one per item, or None for 0) as a constant channel (N, 1, H, W)
+    beside ``conditioning``, scaled by :data:`FLOW_CORRECTION_GAP_MM`: how pixel-space networks
+    over flow see the distance between the neighbours."""
+    n, _, h, w = conditioning.shape
+    gap = torch.as_tensor(0.0 if gap_mm is None else gap_mm, dtype=conditioning.dtype, device=conditioning.device)
+    return (gap / FLOW_CORRECTION_GAP_MM).reshape(-1, 1, 1, 1).expand(n, 1, h, w)
+
+
 class FlowCorrection(nn.Module):
     """A learned correction of the flow midpoint that moves and blends pixels but never paints
     them, as video frame interpolation networks refine a flow: from the conditioning over flow
@@ -254,10 +263,7 @@ class FlowCorrection(nn.Module):
             self.unet.final_conv.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, start_logit]))
 
     def forward(self, conditioning, gap_mm=None):
-        n, _, h, w = conditioning.shape
-        gap = torch.as_tensor(0.0 if gap_mm is None else gap_mm, dtype=conditioning.dtype, device=conditioning.device)
-        gap = (gap / FLOW_CORRECTION_GAP_MM).reshape(-1, 1, 1, 1).expand(n, 1, h, w)
-        out = self.unet(torch.cat([conditioning, gap], 1))
+        out = self.unet(torch.cat([conditioning, gap_plane(gap_mm, conditioning)], 1))
         left, right = warp(conditioning[:, 0:1], out[:, 0:2]), warp(conditioning[:, 1:2], out[:, 2:4])
         candidates = torch.cat([left, right, conditioning[:, 2:3]], 1)
         midpoint = (candidates * torch.softmax(out[:, 4:7], 1)).sum(1, keepdim=True)

@@ -322,9 +322,15 @@ def export_model(autoencoder_path, diffusion_path, out_dir, half=True, flow_corr
             state[f"{prefix}.{key}"] = value.half() if half and value.is_floating_point() else value
     if flow_correction is not None:
         state, info = _with_head(state, info, read_flow_correction(flow_correction))
+    return write_model_folder(out_dir, state, info.updated(stage="model", autoencoder_trained_on=ae_info.trained_on))
+
+
+def write_model_folder(out_dir, state, info: ModelInfo) -> Path:
+    """``OUT_DIR/model.pt`` (the state dict) and ``model.json`` (``info``), each written atomically."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
-    info.updated(stage="model", autoencoder_trained_on=ae_info.trained_on).write(out_dir / "model.json")
+    info.write(out_dir / "model.json")
     return out_dir
 
 
@@ -350,9 +356,8 @@ def read_flow_correction(path) -> FlowCorrection:
         state = torch.load(path, map_location="cpu", weights_only=True)
         head.load_state_dict({k: v.float() for k, v in part_of(state, "flow_correction").items()})
     except Exception as e:  # missing, not a torch file, or a state dict of another network
-        raise InputRefused(
-            f"{path} holds no flow-correction head: {(str(e).splitlines() or [type(e).__name__])[0]}"
-        ) from None
+        detail = (str(e).splitlines() or [""])[0]
+        raise InputRefused(f"{path} holds no flow-correction head ({type(e).__name__}: {detail})") from None
     return head
 
 
@@ -390,10 +395,7 @@ def attach_flow_correction(model_dir, head_path, out_dir, record=None) -> Path:
     head = read_flow_correction(head_path)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     state, info = _with_head(state, info, head, record)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
-    info.write(out_dir / "model.json")
-    return out_dir
+    return write_model_folder(out_dir, state, info)
 
 
 # ----------------------------------------------------------------------------- inference

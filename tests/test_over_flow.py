@@ -201,6 +201,31 @@ def test_the_flow_training_config_trains_over_a_flow_correction_head_and_exports
     assert again.info.net["flow_correction"] == FLOW_CORRECTION_FEATURES
 
 
+def test_a_bad_flow_correction_head_is_refused_before_anything_is_read_or_written(tmp_path):
+    """The head is checked with the time box, before the output folder and before any data."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.pt").write_text("not weights")
+    out = tmp_path / "run"
+    configs = [
+        str(ROOT / "configs" / n)
+        for n in ("train_autoencoder.json", "train_diffusion.json", "train_diffusion_flow.json")
+    ]
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs),
+        "--meta_file", str(ROOT / "configs" / "metadata.json"), "--bundle_root", str(ROOT), "--preset", "tiny",
+        "--device", "cpu", "--output_dir", str(out), "--flow_correction", str(tmp_path / "bad.pt"),
+        "--cine_dir", str(tmp_path / "no_studies"),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"calid: error: {tmp_path / 'bad.pt'} holds no flow-correction head ("), last
+    assert not out.exists()
+
+
 def test_triplets_condition_on_the_heads_output_when_given_one():
     """The training data over a head is what inference gives the denoiser: the head's output
     on whole slices, its corrected midpoint the base."""

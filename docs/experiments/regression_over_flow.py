@@ -44,8 +44,7 @@ from bundle.flow_triplets import (
     study_triplets,
 )
 from bundle.metrics import psnr, ssim
-from bundle.networks import FLOW_CORRECTION_GAP_MM as GAP_SCALE
-from bundle.networks import FlowCorrection
+from bundle.networks import FlowCorrection, gap_plane
 from bundle.studies import labelled_stack_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +60,7 @@ class RegressionOverFlow(torch.nn.Module):
         torch.nn.init.zeros_(self.unet.final_conv.bias)
 
     def forward(self, conditioning, gap_mm):
-        gap = (gap_mm.float() / GAP_SCALE).view(-1, 1, 1, 1).expand(-1, 1, *conditioning.shape[2:])
-        return conditioning[:, 2:3] + self.unet(torch.cat([conditioning, gap], 1))
+        return conditioning[:, 2:3] + self.unet(torch.cat([conditioning, gap_plane(gap_mm, conditioning)], 1))
 
 
 class FlowCorrectionOverFlow(FlowCorrection):
