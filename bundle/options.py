@@ -16,7 +16,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 METHODS = ("flow", "calid", "linear")
 # the learned model where it was measured to beat flow (gaps of its fallback_below_mm or more:
-# 0.8.0, docs/README.md "The default"), flow midpoints between closer neighbours
+# since 0.8.0, docs/README.md "The decision"), flow midpoints between closer neighbours
 DEFAULT_METHOD = "calid"
 MODEL_OPTIONS = ("steps", "refine", "samples", "weights", "adapt")  # only the learned model reads them
 

@@ -174,11 +174,16 @@ class SliceSampler:
 
     @torch.no_grad()
     def __call__(self, neighbours, refine=False, generator=None, z_start=None, base=None, gap_mm=None):
+        """:meth:`sample` without gradients (inference)."""
+        return self.sample(neighbours, refine, generator, z_start, base, gap_mm)
+
+    def sample(self, neighbours, refine=False, generator=None, z_start=None, base=None, gap_mm=None):
         """``neighbours``: the conditioning, whose first two channels are the two neighbours
         (over flow: warped half way). ``base`` (N, 1, ...): the slice a residual model corrects
         (default: the neighbours' mean). ``z_start`` (per-item noise) makes results independent
         of batching; without it, noise is drawn from ``generator``. ``gap_mm``: the distance
-        between the neighbours, for denoisers that embed it."""
+        between the neighbours, for denoisers that embed it. Differentiable where gradients are
+        enabled (training a flow-correction head through a frozen denoiser)."""
         blend, z_base, latents = None, 0.0, None
         if self.prediction == "residual":
             blend = neighbours[:, :2].mean(1, keepdim=True) if base is None else base.to(neighbours.dtype)

@@ -123,3 +123,21 @@ def test_unknown_prediction():
 
     with pytest.raises(ValueError, match="prediction must be one of"):
         SliceSampler(None, None, 1.0, prediction="velocity")
+
+
+def test_sample_is_the_inference_call_with_gradients(tiny_weights_2d):
+    """``sample`` returns exactly what ``__call__`` returns, and lets gradients reach the
+    denoiser and the conditioning (a flow-correction head is trained through a frozen denoiser
+    this way); ``__call__`` keeps no graph."""
+    from bundle.weights import load_model
+
+    sampler = load_model(tiny_weights_2d).sampler(1)
+    neighbours = torch.rand(2, 2, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    z_start = torch.zeros(sampler.latent_shape(neighbours))
+    inferred = sampler(neighbours, z_start=z_start, gap_mm=16.0)
+    assert not inferred.requires_grad
+    out = sampler.sample(neighbours, z_start=z_start, gap_mm=16.0)
+    torch.testing.assert_close(out.detach(), inferred, rtol=0, atol=0)
+    out.square().sum().backward()
+    assert neighbours.grad.abs().sum() > 0
+    assert sum(float(p.grad.abs().sum()) for p in sampler.denoiser.parameters() if p.grad is not None) > 0

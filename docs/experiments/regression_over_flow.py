@@ -17,11 +17,17 @@ as JSON on stdout and in OUT/report.json.
 
     OMP_NUM_THREADS=2 python docs/experiments/regression_over_flow.py OUT --minutes 15 [--head flow]
 
+``--score BEST_PT`` trains nothing: it scores a trained network on the crops of its own training
+triplets (the three cine studies, the ED/ES training patients; every triplet one acquisition
+apart, at most 400 of each, evenly spread) beside the held-out ones, to tell memorising from
+generalising.
+
 ``--iterations N`` stops after N iterations as well (the time box alone ends at a different
 iteration on every machine; two threads instead of one gave other weights, most likely through
 torch's CPU reductions); ``--init BEST_PT`` continues a run, which must then beat its start.
-The flow-correction head that ships in ``models/`` since 0.8.0 is ``--head flow`` chosen at
-iteration 1,200: ``calid attach-flow-correction`` adds such a head to a model folder.
+The flow-correction head shipped in 0.8.0 is ``--head flow`` chosen at iteration 1,200; the 0.9.0
+head is that one trained further through the frozen denoiser (head_through_denoiser.py).
+``calid attach-flow-correction`` adds such a head to a model folder.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
+from torch.utils.data import Subset
 
+from bundle.data import evenly_spread
 from bundle.flow_triplets import (
     HELD_OUT_PATIENTS,
     FlowTriplets,
@@ -93,6 +101,39 @@ def score(model, dataset):
     return {k: float(torch.cat(v).mean()) for k, v in gains.items()}
 
 
+def cine_parts(gaps=(1, 2)):
+    return [study_triplets(CINE / s, gaps=gaps) for s in ("SCD0000101", "SCD0000201", "SCD0000301")]
+
+
+def edes_parts(held_out=False, gaps=(1, 2)):
+    """The ED/ES training patients' triplets, or with ``held_out`` the five choosing ones'."""
+    which = {"patients": HELD_OUT_PATIENTS} if held_out else {"exclude": HELD_OUT_PATIENTS}
+    return [labelled_stack_triplets(p, gaps=gaps) for p in labelled_stack_paths(LABELLED, **which)]
+
+
+def training_parts():
+    """The training triplets of configs/train_diffusion_flow.json: cine studies, ED/ES, phantoms."""
+    return cine_parts() + edes_parts() + [phantom_triplets(s) for s in (1000, 1001, 1002, 1003)]
+
+
+def score_in_and_out_of_sample(args):
+    model = HEADS[args.head]()
+    model.load_state_dict(torch.load(args.score, map_location="cpu", weights_only=True))
+    groups = {
+        "cine_training": cine_parts(gaps=(1,)),
+        "edes_training": edes_parts(gaps=(1,)),
+        "edes_held_out": edes_parts(held_out=True, gaps=(1,)),
+        "SCD0000401": [study_triplets(CINE / "SCD0000401", gaps=(1,))],
+    }
+    report = {"network": str(args.score), "head": args.head, "crop": args.val_crop}
+    for name, parts in groups.items():
+        crops = FlowTriplets(collect(parts), size=(args.val_crop, args.val_crop), augment=False)
+        picked = Subset(crops, evenly_spread(len(crops), 400))
+        report[name] = {"triplets": len(picked), **score(model, picked)}
+    args.out.joinpath("in_and_out_of_sample.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -106,15 +147,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head", choices=sorted(HEADS), default="residual")
     parser.add_argument("--init", type=Path, help="continue from this best.pt (chosen against its own score)")
+    parser.add_argument("--score", type=Path, help="train nothing: score this best.pt in and out of sample")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.score:
+        return score_in_and_out_of_sample(args)
     torch.manual_seed(args.seed)
-    train_parts = [study_triplets(CINE / s) for s in ("SCD0000101", "SCD0000201", "SCD0000301")]
-    train_parts += [labelled_stack_triplets(p) for p in labelled_stack_paths(LABELLED, exclude=HELD_OUT_PATIENTS)]
-    train_parts += [phantom_triplets(s) for s in (1000, 1001, 1002, 1003)]
-    val_parts = [
-        labelled_stack_triplets(p, gaps=(1,)) for p in labelled_stack_paths(LABELLED, patients=HELD_OUT_PATIENTS)
-    ]
+    train_parts, val_parts = training_parts(), edes_parts(held_out=True, gaps=(1,))
     train = FlowTriplets(collect(train_parts), size=(args.crop, args.crop), augment=True, seed=args.seed)
     val_size = (args.val_crop, args.val_crop)
     val = FlowTriplets(collect(val_parts), size=val_size, augment=False)

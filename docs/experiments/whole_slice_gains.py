@@ -66,6 +66,7 @@ def export_checkpoint(path: Path) -> Path:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stacks", type=Path)
+    parser.add_argument("--patients", help="a Python list: only these patients' stacks (default: all in STACKS)")
     parser.add_argument("--models", default="[]", help="a Python list of model folders")
     parser.add_argument("--checkpoints", default="[]", help="a Python list of training checkpoints")
     parser.add_argument("--regression", type=Path, help="regression_over_flow.py's best.pt (head residual)")
@@ -82,7 +83,8 @@ def main():
         experiments["flow correction (c)"] = ExperimentMidpoints("flow", args.flow_correction)
     gains = {name: [] for name in ["linear", *models, *experiments]}  # linear: the baseline beside flow
     per_stack = {}
-    for path in labelled_stack_paths(args.stacks):
+    patients = ast.literal_eval(args.patients) if args.patients else None
+    for path in labelled_stack_paths(args.stacks, patients=patients):
         stack, centre = per_slice_normalised_stack(path)
         predictors = {"linear": linear_midpoints, "flow": FlowMidpoints(), **experiments}
         predictors.update(
