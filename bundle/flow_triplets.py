@@ -167,6 +167,12 @@ def _fit(item, size):
     return out
 
 
+def crop_origin(centre, size, shape):
+    """The first row and column of a ``size`` crop centred on ``centre`` (pixels), moved inside an
+    image of ``shape`` (rows, columns)."""
+    return tuple(int(np.clip(round(c - n / 2), 0, max(0, m - n))) for c, n, m in zip(centre, size, shape))
+
+
 class FlowTriplets(Dataset):
     """Items cropped to ``size`` around the LV centre: jittered by up to ``jitter`` pixels and
     randomly flipped, turned and swapped (neighbours exchanged: the warped pair swaps, the
@@ -186,8 +192,7 @@ class FlowTriplets(Dataset):
             cx, cy = cx + self.rng.integers(-self.jitter, self.jitter + 1), cy + self.rng.integers(
                 -self.jitter, self.jitter + 1
             )
-        x0 = int(np.clip(round(cx - self.size[0] / 2), 0, max(0, planes.shape[1] - self.size[0])))
-        y0 = int(np.clip(round(cy - self.size[1] / 2), 0, max(0, planes.shape[2] - self.size[1])))
+        x0, y0 = crop_origin((cx, cy), self.size, planes.shape[1:])
         crop = planes[:, x0 : x0 + self.size[0], y0 : y0 + self.size[1]]
         if self.augment:
             if self.rng.random() < 0.5:

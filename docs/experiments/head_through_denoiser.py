@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bundle.flow_triplets import FlowTriplets, collect
+from bundle.flow_triplets import FlowTriplets, collect, crop_origin
 from bundle.metrics import psnr, ssim
 from bundle.weights import load_model
 
@@ -44,14 +44,9 @@ def calid_over(sampler, conditioning, gap_mm):
 
 
 def heart_square(images, centres, px):
-    """The ``px`` square of each image around its LV centre (rows, columns), clipped to the image."""
-    h, w = images.shape[-2:]
-    out = []
-    for image, (cx, cy) in zip(images, centres.tolist()):
-        x0 = int(min(max(round(cx - px / 2), 0), h - px))
-        y0 = int(min(max(round(cy - px / 2), 0), w - px))
-        out.append(image[..., x0 : x0 + px, y0 : y0 + px])
-    return torch.stack(out)
+    """The ``px`` square of each image around its LV centre, as training crops are placed."""
+    origins = [crop_origin(c, (px, px), images.shape[-2:]) for c in centres.tolist()]
+    return torch.stack([image[..., x0 : x0 + px, y0 : y0 + px] for image, (x0, y0) in zip(images, origins)])
 
 
 @torch.no_grad()
