@@ -404,6 +404,11 @@ def attach_flow_correction(model_dir, head_path, out_dir, record=None) -> Path:
 def check_weights(weights_dir=None) -> Path:
     """The weights folder (default: the bundle's ``models/``), refusing one that lacks a file or
     whose ``model.json`` this bundle refuses: callers check before any work or any folder is made."""
+    return _checked(weights_dir)[0]
+
+
+def _checked(weights_dir):
+    """:func:`check_weights`' folder and the :class:`ModelInfo` it read there."""
     folder = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR
     missing = [name for name in WEIGHT_FILES if not (folder / name).is_file()]
     if missing:
@@ -412,14 +417,17 @@ def check_weights(weights_dir=None) -> Path:
             f"diffusion stage writes OUTPUT_DIR/model) or pass --weights DIR with {' and '.join(WEIGHT_FILES)}; "
             f"--method flow or linear needs no weights"
         )
-    ModelInfo.read(folder / "model.json")
-    return folder
+    return folder, ModelInfo.read(folder / "model.json")
 
 
 def load_state(network: CaLIDNetwork, weights_dir=None) -> CaLIDNetwork:
     """Load ``model.pt`` into ``network`` (built from the folder's ``model.json``); a damaged or
     unfitting file is refused naming it."""
-    folder = check_weights(weights_dir)
+    return _load_state(network, check_weights(weights_dir))
+
+
+def _load_state(network: CaLIDNetwork, folder: Path) -> CaLIDNetwork:
+    """:func:`load_state` from a folder already checked."""
     try:
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding more than tensors
@@ -439,12 +447,11 @@ def load_state(network: CaLIDNetwork, weights_dir=None) -> CaLIDNetwork:
 def load_model(weights_dir=None, device="cpu") -> CaLIDModel:
     """Load ``model.pt`` + ``model.json`` from ``weights_dir`` (default: the bundle's
     ``models/``). Errors name the file that is missing or does not fit."""
-    folder = check_weights(weights_dir)
-    info = ModelInfo.read(folder / "model.json")
+    folder, info = _checked(weights_dir)
     if not info.latent_scale:
         raise InputRefused(f"{folder / 'model.json'} has no latent_scale")
     try:
         network = CaLIDNetwork.from_info(info)
     except (KeyError, TypeError, ValueError) as e:
         raise InputRefused(f"{folder / 'model.json'} does not describe a network this bundle builds: {e}") from None
-    return CaLIDModel(load_state(network, folder).to(device).eval(), info, str(folder))
+    return CaLIDModel(_load_state(network, folder).to(device).eval(), info, str(folder))
