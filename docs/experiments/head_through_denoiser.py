@@ -93,6 +93,9 @@ def main():
     parser.add_argument("--denoiser-lr", type=float, default=0.0, help="train the denoiser too, at this rate")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = parser.parse_args()
+    last = args.out / "last.pt"  # written at every validation; --resume continues from it
+    if args.resume and not last.is_file():  # refused in one line, before anything is made or read
+        parser.exit(2, f"{parser.prog}: error: --resume: {last} does not exist\n")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = load_model(args.weights)
@@ -132,10 +135,10 @@ def main():
     def checkpoint():
         state = {"network": network.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
         state.update(iteration=iteration, best=best, history=history)
-        atomic_write(args.out / "last.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(last, lambda tmp: torch.save(state, tmp))
 
     if args.resume:
-        state = torch.load(args.out / "last.pt", map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location="cpu", weights_only=True)
         network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
