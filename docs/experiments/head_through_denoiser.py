@@ -39,7 +39,7 @@ from bundle.metrics import psnr, ssim
 from bundle.weights import load_model, write_model_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regression_over_flow import edes_parts, training_parts  # noqa: E402
+from regression_over_flow import edes_parts, time_boxed, training_parts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,32 +150,23 @@ def main():
         save_best()
     start = time.time()
 
-    def done():
-        return time.time() - start > args.minutes * 60 or (args.iterations and iteration >= args.iterations)
-
-    while not done():
-        for batch in loader:
-            pred = calid_over(sampler, head(batch["neighbours"], batch["gap_mm"]), batch["gap_mm"])
-            loss = F.l1_loss(pred, batch["image"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ema.update_parameters(network)
-            iteration += 1
-            if iteration % args.val_every == 0:
-                gain = validate(ema_head, ema_sampler, val, args.score_px)
-                history.append(
-                    {**gain, "iteration": iteration, "loss": loss.item(), "minutes": (time.time() - start) / 60}
-                )
-                print(json.dumps(history[-1]), flush=True)
-                torch.save(ema_head.state_dict(), args.out / f"head_{iteration}.pt")
-                if gain["calid_psnr"] > best["calid_psnr"]:
-                    best = {**gain, "iteration": iteration}
-                    save_best()
-                (args.out / "report.json").write_text(json.dumps({"chosen": best, "history": history}, indent=2))
-                checkpoint()
-            if done():
-                break
+    for iteration, batch in time_boxed(loader, args.minutes, args.iterations, iteration):
+        pred = calid_over(sampler, head(batch["neighbours"], batch["gap_mm"]), batch["gap_mm"])
+        loss = F.l1_loss(pred, batch["image"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(network)
+        if iteration % args.val_every == 0:
+            gain = validate(ema_head, ema_sampler, val, args.score_px)
+            history.append({**gain, "iteration": iteration, "loss": loss.item(), "minutes": (time.time() - start) / 60})
+            print(json.dumps(history[-1]), flush=True)
+            torch.save(ema_head.state_dict(), args.out / f"head_{iteration}.pt")
+            if gain["calid_psnr"] > best["calid_psnr"]:
+                best = {**gain, "iteration": iteration}
+                save_best()
+            (args.out / "report.json").write_text(json.dumps({"chosen": best, "history": history}, indent=2))
+            checkpoint()
     report = {"weights": str(args.weights), "iterations": iteration, "chosen": best, "history": history}
     report["minutes"] = round((time.time() - start) / 60, 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

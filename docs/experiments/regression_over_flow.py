@@ -81,6 +81,22 @@ class FlowCorrectionOverFlow(FlowCorrection):
 HEADS = {"residual": RegressionOverFlow, "flow": FlowCorrectionOverFlow}
 
 
+def time_boxed(loader, minutes, iterations=None, done_before=0):
+    """(iteration, batch), epoch after epoch, numbered on from ``done_before``, until ``minutes``
+    have passed since the first batch was asked for or ``iterations`` are done."""
+    start, iteration = time.time(), done_before
+
+    def done():  # asked before the next batch is drawn, so none is drawn in vain
+        return time.time() - start > minutes * 60 or (iterations and iteration >= iterations)
+
+    while not done():
+        for batch in loader:
+            iteration += 1
+            yield iteration, batch
+            if done():
+                return
+
+
 def batches(dataset, size):
     for start in range(0, len(dataset), size):
         items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
@@ -169,26 +185,19 @@ def main():
         best = {**score(ema.module, val), "iteration": 0}
     torch.save(ema.module.state_dict(), args.out / "best.pt")  # the start until something beats it
 
-    def done():
-        return time.time() - start > args.minutes * 60 or (args.iterations and iteration >= args.iterations)
-
-    while not done():
-        for batch in loader:
-            loss = F.l1_loss(model(batch["neighbours"], batch["gap_mm"]), batch["image"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ema.update_parameters(model)
-            iteration += 1
-            if iteration % args.val_every == 0:
-                gain = score(ema.module, val)
-                history.append({"iteration": iteration, "loss": float(loss), "val_gain": gain})
-                print(json.dumps(history[-1]), flush=True)
-                if gain["psnr"] > best["psnr"]:
-                    best = {**gain, "iteration": iteration}
-                    torch.save(ema.module.state_dict(), args.out / "best.pt")
-            if done():
-                break
+    for iteration, batch in time_boxed(loader, args.minutes, args.iterations):
+        loss = F.l1_loss(model(batch["neighbours"], batch["gap_mm"]), batch["image"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(model)
+        if iteration % args.val_every == 0:
+            gain = score(ema.module, val)
+            history.append({"iteration": iteration, "loss": loss.item(), "val_gain": gain})
+            print(json.dumps(history[-1]), flush=True)
+            if gain["psnr"] > best["psnr"]:
+                best = {**gain, "iteration": iteration}
+                torch.save(ema.module.state_dict(), args.out / "best.pt")
     model.load_state_dict(torch.load(args.out / "best.pt", weights_only=True))
     report = {
         "head": args.head,
