@@ -61,24 +61,34 @@ def why_not_fused(phases, gap_mm, fraction=DEFAULT_FRACTION, from_mm=FUSE_FROM_M
     return None
 
 
+def registered_phases(
+    slices: torch.Tensor, window: int, settings: FlowSettings = FlowSettings(), device="cpu", memory_budget_mb=256
+):
+    """(N, T, X, Y) slices over a cine of T phases -> for each shift s = 1, -1, 2, -2, ... up to
+    ``window``: (s, the (N, T, X, Y) float slices of phase t + s, cyclic, registered onto those
+    of phase t), the flow computed in chunks that fit ``memory_budget_mb``."""
+    n, t, x, y = slices.shape
+    fixed = slices.reshape(n * t, 1, x, y).float()
+    chunk = pairs_per_chunk(x, y, memory_budget_mb)
+    for shift in [s for k in range(1, window + 1) for s in (k, -k)]:
+        moving = slices.roll(-shift, dims=1).reshape(n * t, 1, x, y).float()  # phase t + shift
+        parts = [slice(start, start + chunk) for start in range(0, n * t, chunk)]
+        copies = [register_onto(fixed[p].to(device), moving[p].to(device), settings).cpu() for p in parts]
+        yield shift, torch.cat(copies).reshape(n, t, x, y)
+
+
 def fuse_phases(
     slices: torch.Tensor, window: int, settings: FlowSettings = FlowSettings(), device="cpu", memory_budget_mb=256
 ) -> torch.Tensor:
     """(N, T, X, Y) predicted slices of N gaps over a cine of T phases -> each phase's slice
-    averaged with the 2 * ``window`` slices of the phases around it, registered onto it.
-    Unchanged when the cine has too few phases (:func:`fusable`)."""
-    n, t, x, y = slices.shape
-    if not fusable(t, window):
+    averaged with the 2 * ``window`` slices of the phases around it, registered onto it
+    (:func:`registered_phases`). Unchanged when the cine has too few phases (:func:`fusable`)."""
+    if not fusable(slices.shape[1], window):
         return slices
-    fixed = slices.reshape(n * t, 1, x, y).float()
-    total = fixed.clone()
-    chunk = pairs_per_chunk(x, y, memory_budget_mb)
-    for shift in [s for k in range(1, window + 1) for s in (k, -k)]:
-        moving = slices.roll(-shift, dims=1).reshape(n * t, 1, x, y).float()  # phase t + shift
-        for start in range(0, n * t, chunk):
-            part = slice(start, start + chunk)
-            total[part] += register_onto(fixed[part].to(device), moving[part].to(device), settings).cpu()
-    return (total / (2 * window + 1)).reshape(n, t, x, y).to(slices.dtype)
+    total = slices.float().clone()
+    for _, copy in registered_phases(slices, window, settings, device, memory_budget_mb):
+        total += copy
+    return (total / (2 * window + 1)).to(slices.dtype)
 
 
 class PhaseFusion:

@@ -5,7 +5,7 @@ average of bundle.temporal?
 ``predict``: leave-one-out x2 on real cines as `calid evaluate` runs it (every inner slice from
 its neighbours two acquisitions apart, every phase), CaLID with the given weights (1 DDIM step,
 seed 0, no fallback) and flow; each prediction's copies at the phases up to ``--window`` (5) each side
-registered onto it (bundle.temporal.register_onto), saved per study with the truth and the heart
+registered onto it (bundle.temporal.registered_phases), saved per study with the truth and the heart
 box, all on the study's robust [0, 1] scale:
 
     OMP_NUM_THREADS=2 python docs/experiments/learned_phase_fusion.py predict eval/lpf \
@@ -41,7 +41,7 @@ from torch import nn
 from bundle.evaluate import heart_box, make_predictors, scores
 from bundle.io import read_sax
 from bundle.studies import dicom_folder, lv_centre_from_contours
-from bundle.temporal import DEFAULT_FRACTION, fusion_window, register_onto
+from bundle.temporal import DEFAULT_FRACTION, fusion_window, registered_phases
 from bundle.transforms import IntensityScaler
 from bundle.weights import load_model
 
@@ -78,13 +78,7 @@ def predict(out: Path, studies, weights: str, window: int):
 def registered_copies(pred: torch.Tensor, window: int) -> torch.Tensor:
     """(N, T, X, Y) -> (N, T, 2 * window, X, Y): the slices at phases t+1, t-1, t+2, t-2, ...
     (cyclic) registered onto the one at phase t."""
-    n, t, x, y = pred.shape
-    fixed = pred.reshape(n * t, 1, x, y)
-    copies = []
-    for shift in [s for k in range(1, window + 1) for s in (k, -k)]:
-        moving = pred.roll(-shift, dims=1).reshape(n * t, 1, x, y)
-        copies.append(torch.cat([register_onto(fixed[i : i + 64], moving[i : i + 64]) for i in range(0, n * t, 64)]))
-    return torch.stack(copies, 1)[:, :, 0].reshape(n, t, 2 * window, x, y)
+    return torch.stack([copy for _, copy in registered_phases(pred, window)], 2)
 
 
 class WeightedFusion(nn.Module):
@@ -235,11 +229,11 @@ def main():
     parser.add_argument("--residual", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    window = args.window or fusion_window(20, DEFAULT_FRACTION)
     if args.stage == "predict":
         return predict(args.out, args.studies, args.weights, args.window or 5)
     if args.stage == "windows":
         return windows(args.out)
+    window = args.window or fusion_window(20, DEFAULT_FRACTION)
     settings = {k: getattr(args, k) for k in ("method", "batch", "crop", "lr", "width", "residual", "seed")}
     for held in TRAINING:
         sets = [load(args.out, n, args.method, window) for n in TRAINING if n != held]

@@ -44,7 +44,7 @@ from bundle.evaluate import heart_box
 from bundle.io import read_sax
 from bundle.motion import FlowMidpoints, _gaussian_blur
 from bundle.studies import dicom_folder, lv_centre_from_contours
-from bundle.temporal import fuse_phases, register_onto
+from bundle.temporal import fuse_phases, register_onto, registered_phases
 from bundle.transforms import IntensityScaler
 
 
@@ -54,18 +54,13 @@ def heart_psnr(pred, truth, box):
     return -10 * torch.log10(((pred - truth) ** 2)[..., x0:x1, y0:y1].mean((-1, -2)))
 
 
-def weighted(slices, box, windows=5, chunk=40):
+def weighted(slices, box, windows=5):
     """slices (Z, T, X, Y) scaled: gains of uniform (u{w}) and weighted (w{w}_h{h}_s{sigma}) fusion."""
     truth = slices[1:-1]
     mid = FlowMidpoints()(slices[:-2], slices[2:]).float()
     n, t, x, y = mid.shape
     windows = min(windows, (t - 1) // 2)
-    fixed = mid.reshape(n * t, 1, x, y)
-    registered = {}
-    for shift in [s for k in range(1, windows + 1) for s in (k, -k)]:
-        moving = mid.roll(-shift, dims=1).reshape(n * t, 1, x, y)
-        parts = [register_onto(fixed[i : i + chunk], moving[i : i + chunk]) for i in range(0, n * t, chunk)]
-        registered[shift] = torch.cat(parts).reshape(n, t, x, y)
+    registered = dict(registered_phases(mid, windows))
     base = float(heart_psnr(mid, truth, box).mean())
     result = {}
     for window in range(1, windows + 1):
