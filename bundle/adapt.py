@@ -2,11 +2,15 @@
 study's own triplets before upsampling it.
 
 The input is all a user has: its slices with the neighbours one acquisition either side
-(two acquisitions apart, twice the slice spacing) are triplets with a known middle. The
-denoiser is fine-tuned on them for ``steps`` iterations with the stage-2 training loss
-(:class:`bundle.engines.LatentDiffusionTrainer`: half of each batch at the deterministic
-start, with the image-space loss), on crops of the model's training size, augmented as in
-training. The VAE stays frozen; the model passed in is not changed.
+(two acquisitions apart, twice the slice spacing) are triplets with a known middle, cropped to
+the model's training size around the image centre and augmented as in training. What is
+fine-tuned depends on the weights; the VAE always stays frozen and the model passed in is
+never changed:
+- with a flow-correction head (the shipped weights since 0.8.0): the head alone, through the
+  frozen denoiser, on the slice CaLID returns (the loss the head was trained with in 0.9.0);
+- without one: the denoiser, with the stage-2 training loss
+  (:class:`bundle.engines.LatentDiffusionTrainer`: half of each batch at the deterministic
+  start, with the image-space loss).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from .weights import CaLIDModel
 
 logger = logging.getLogger(__name__)
 
-# a fixed recipe, chosen before any measurement (none of it was tuned on the reported patients)
+# the denoiser's recipe, fixed before any measurement (none of it was tuned on the reported patients)
 ADAPT_LR = 2e-5
 ADAPT_MEAN_FRACTION = 0.5
 ADAPT_IMAGE_LOSS_WEIGHT = 10.0
+# the head's learning rate (Adam): of 2e-5 and 1e-4, the better on the training cines
+# (docs/experiments/adapt_head.py; docs/README.md "Round 9": it still loses on SCD0000401)
+ADAPT_HEAD_LR = 1e-4
 
 
 def check_adaptable(model: CaLIDModel, stack=None):
@@ -37,48 +44,91 @@ def check_adaptable(model: CaLIDModel, stack=None):
             f"{model.source} is base {model.info.base}, prediction {model.info.prediction}, "
             f"{model.info.spatial_dims}D"
         )
-    if model.network.flow_correction is not None:
-        # adapting trains the denoiser on the uncorrected conditioning: it would learn the wrong input
-        raise InputRefused(
-            f"adapt is not built for weights with a flow-correction head ({model.source}); "
-            f"use weights without one, or leave --adapt off"
-        )
+    if model.network.flow_correction is not None and model.info.start != "mean":
+        # the head learns through the sampler from the mean start, as it was trained
+        raise InputRefused(f"adapt trains a flow-correction head from the mean start; {model.source} starts from noise")
     if stack is not None and stack.shape[2] < 3:
         raise InputRefused(
             f"adapt needs at least 3 slices (a slice between two others); the input has {stack.shape[2]}"
         )
 
 
-def adapt_model(model: CaLIDModel, stack, steps: int, device="cpu", seed=0, progress=True) -> CaLIDModel:
-    """A copy of ``model`` whose denoiser was fine-tuned for ``steps`` iterations on the triplets
-    of ``stack`` (a :class:`bundle.stack.SaxStack`, every phase)."""
-    from torch.utils.data import DataLoader
-
-    from .engines import LatentDiffusionTrainer, LatentScale
+def own_triplets(model: CaLIDModel, stack, seed=0):
+    """The triplets of ``stack`` (every phase; neighbours one acquisition either side, flow
+    computed on whole slices) as augmented training crops of the model's size."""
     from .flow_triplets import FlowTriplets, collect, stack_triplets
-    from .handlers import ProgressBar
-    from .sampling import make_noise_scheduler
 
-    check_adaptable(model, stack)
-    start = time.perf_counter()
     x, y, z, t = stack.shape
     pre = model.preprocessor(stack)
     scanner = torch.from_numpy(np.ascontiguousarray(stack.array.transpose(2, 3, 0, 1), dtype=np.float32))
     slices = pre.forward(scanner.reshape(z * t, 1, x, y))[:, 0]
     slices = slices.reshape(z, t, *slices.shape[-2:]).numpy()
     triplets = stack_triplets(slices, stack.slice_spacing, "the input", gaps=(1,))
-    net = model.info.net
-    data = FlowTriplets(collect([triplets]), size=net["spatial_size"], augment=True, seed=seed)
-    loader = DataLoader(
-        data, batch_size=min(net["batch_size"], len(data)), shuffle=True, generator=torch.Generator().manual_seed(seed)
-    )
+    return FlowTriplets(collect([triplets]), size=model.info.net["spatial_size"], augment=True, seed=seed)
+
+
+def _loader(model, data, seed):
+    from torch.utils.data import DataLoader
+
+    batch = min(model.info.net["batch_size"], len(data))
+    return DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def adapting_head(model: CaLIDModel, stack, device="cpu", seed=0, lr=ADAPT_HEAD_LR):
+    """Adapt a copy of ``model``'s flow-correction head to ``stack``: yields (step, the copy)
+    before the first step and after each one, without end (the copy is trained in place: use
+    or copy it before taking the next). Deterministic: no random draws but the seeded crops
+    and batches, and the mean start."""
+    import torch.nn.functional as F
+
+    check_adaptable(model, stack)
+    data = own_triplets(model, stack, seed)
+    network = copy.deepcopy(model.network).to(device).float().eval().requires_grad_(False)
+    head = network.flow_correction.requires_grad_(True)
+    sampler = network.sampler(model.info.steps)
+    optimizer = torch.optim.Adam(head.parameters(), lr)
+    adapted = CaLIDModel(network, model.info, model.source)
+    adapted.adaptation = {"trained": "flow_correction", "triplets": len(data)}
+    step = 0
+    yield step, adapted
+    loader = _loader(model, data, seed)
+    while True:
+        for batch in loader:
+            gap, truth = batch["gap_mm"].to(device), batch["image"].to(device)
+            conditioning = head(batch["neighbours"].to(device), gap)
+            z_start = conditioning.new_zeros(sampler.latent_shape(conditioning))
+            pred = sampler.sample(conditioning, z_start=z_start, base=conditioning[:, 2:3], gap_mm=gap)
+            loss = F.l1_loss(pred, truth)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            yield step, adapted
+
+
+def _adapt_head(model, stack, steps, device, seed, progress):
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps, desc="adapting the flow correction", unit="step", disable=not progress) as bar:
+        for step, adapted in adapting_head(model, stack, device, seed):
+            if step == steps:
+                return adapted
+            bar.update(1)
+
+
+def _adapt_denoiser(model, stack, steps, device, seed, progress):
+    from .engines import LatentDiffusionTrainer, LatentScale
+    from .handlers import ProgressBar
+    from .sampling import make_noise_scheduler
+
+    data = own_triplets(model, stack, seed)
     network = copy.deepcopy(model.network).to(device)
     denoiser = network.denoiser.float().requires_grad_(True)
     trainer = LatentDiffusionTrainer(
         device=device,
         max_epochs=1,
         epoch_length=int(steps),
-        train_data_loader=loader,
+        train_data_loader=_loader(model, data, seed),
         network=denoiser,
         optimizer=torch.optim.Adam(denoiser.parameters(), ADAPT_LR),
         autoencoder=network.autoencoder,
@@ -93,11 +143,29 @@ def adapt_model(model: CaLIDModel, stack, steps: int, device="cpu", seed=0, prog
     with torch.random.fork_rng(devices=cuda):  # seeded noise and timesteps; the caller's random state is kept
         torch.manual_seed(seed)
         trainer.run()
-    network.eval().requires_grad_(False)
-    seconds = time.perf_counter() - start
-    logger.info("adapted %s to the input: %d steps on %d triplets in %.1f s", model.source, steps, len(data), seconds)
     adapted = CaLIDModel(network, model.info, model.source)
-    adapted.adaptation = {"steps": int(steps), "triplets": len(data), "seconds": round(seconds, 1)}
+    adapted.adaptation = {"trained": "denoiser", "triplets": len(data)}
+    return adapted
+
+
+def adapt_model(model: CaLIDModel, stack, steps: int, device="cpu", seed=0, progress=True) -> CaLIDModel:
+    """A copy of ``model`` fine-tuned for ``steps`` iterations on the triplets of ``stack`` (a
+    :class:`bundle.stack.SaxStack`, every phase): its head if it has one, else its denoiser."""
+    check_adaptable(model, stack)
+    start = time.perf_counter()
+    adapt = _adapt_head if model.network.flow_correction is not None else _adapt_denoiser
+    adapted = adapt(model, stack, int(steps), device, seed, progress)
+    adapted.network.eval().requires_grad_(False)
+    seconds = time.perf_counter() - start
+    adapted.adaptation.update(steps=int(steps), seconds=round(seconds, 1))
+    logger.info(
+        "adapted %s (%s) to the input: %d steps on %d triplets in %.1f s",
+        model.source,
+        adapted.adaptation["trained"],
+        steps,
+        adapted.adaptation["triplets"],
+        seconds,
+    )
     return adapted
 
 

@@ -199,7 +199,8 @@ def make_predictors(
     """linear and flow (and the TV-L1 ``reference``); with a loaded CaLIDModel also the VAE-only
     baselines (linear and slerp of the neighbours' latents, ``baselines``), CaLID (seeded noise)
     and CaLID+ (``--refine``), and with ``adapt`` steps CaLID adapted to ``stack`` (for
-    ``leave_one_out``, per parity: :class:`bundle.adapt.LeaveOneOutAdapted`). ``fallback=False``
+    ``leave_one_out``, per parity: :class:`bundle.adapt.LeaveOneOutAdapted`; fused too with
+    ``phase_fusion``). ``fallback=False``
     uses the model at every gap, ignoring its ``fallback_below_mm`` (below it: flow). With a
     ``phase_fusion`` fraction, flow and CaLID also fused over the phases within it
     (:mod:`bundle.temporal`): flow-phases, calid-phases."""
@@ -232,6 +233,10 @@ def make_predictors(
                 if leave_one_out
                 else make(adapt_model(model, stack, adapt, device, seed))
             )
+            if phase_fusion:
+                predictors["calid adapted-phases"] = PhaseFusion(
+                    predictors["calid adapted"], phase_fusion, device=device
+                )
     return predictors
 
 

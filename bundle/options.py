@@ -63,8 +63,9 @@ class UpsampleOptions:
     weights: str | None = _option(None, "calid only: a folder with model.pt and model.json (default: models/)")
     adapt: int = _option(
         0,
-        "calid only, experimental: first fine-tune a copy of the model for N steps on the input's own slices, each "
-        "from its two neighbours (a model over flow; 0: off; measured to lower quality so far, see docs/README.md)",
+        "calid only, experimental: first fine-tune a copy of the model (its flow-correction head, else its denoiser) "
+        "for N steps on the input's own slices, each from its two neighbours (a model over flow; 0: off; skipped where "
+        "flow fills every gap; measured to lower quality so far, see docs/README.md)",
     )
     device: str = _option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     precision: str = _option("auto", "auto, fp32, bf16 or fp16 (autocast on CUDA; the CPU runs fp32 unless bf16)")

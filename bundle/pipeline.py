@@ -110,7 +110,12 @@ class BisectionInferer(Inferer):
             )  # fmt: skip
             return [fusing(FlowMidpoints(device=device, progress=bar), bar)]
         model = model if model is not None else load_model(opts.weights, device=device)
-        if opts.adapt:
+        if opts.adapt and all(model.info.falls_back(gap) for gap in gaps):  # minutes for nothing
+            logger.warning(
+                "--adapt: not adapted: flow midpoints fill every gap of this stack (%s mm), all below the model's "
+                "fallback_below_mm (%g mm)", ", ".join(f"{g:.4g}" for g in gaps), model.info.fallback_below_mm,
+            )  # fmt: skip
+        elif opts.adapt:
             from .adapt import adapt_model
 
             model = adapt_model(model, stack, opts.adapt, device=device, seed=opts.seed, progress=progress)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import write_tiny_weights
 
-from bundle.adapt import LeaveOneOutAdapted, adapt_model
+from bundle.adapt import LeaveOneOutAdapted, adapt_model, adapting_head
 from bundle.errors import InputRefused
 from bundle.networks import CaLIDNetwork, preset
 from bundle.options import UpsampleOptions
@@ -14,30 +14,53 @@ from bundle.stack import every_nth_slice, voxel_to_world
 from bundle.weights import CaLIDModel, ModelInfo
 
 
-def tiny_model_over_flow(seed=0):
+def tiny_model_over_flow(seed=0, head=False, start="mean"):
     torch.manual_seed(seed)
     net = dict(preset("tiny"), conditioning_channels=4, gap_classes=64)
-    info = ModelInfo("model", 2, net, preset="tiny", latent_scale=1.3, base="flow", start="mean", steps=1)
+    if head:
+        net["flow_correction"] = [4, 4, 8, 8, 8, 4]
+    info = ModelInfo("model", 2, net, preset="tiny", latent_scale=1.3, base="flow", start=start, steps=1)
     network = CaLIDNetwork.from_info(info).eval()
     for p in network.denoiser.unet.out.parameters():
         torch.nn.init.normal_(p, std=0.05)  # a correction that is not zero
     return CaLIDModel(network, info, "test")
 
 
-def test_adapting_fine_tunes_a_copy_deterministically(phantom_subject):
-    model = tiny_model_over_flow()
+def adapted_twice(model, stack, trained):
+    """Two 3-step adaptations: the given model untouched, the two equal, only ``trained`` changed
+    (the VAE always frozen), the copy left frozen for inference; returns the state before and one
+    copy's."""
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
-    stack = phantom_subject.sparse
     runs = [adapt_model(model, stack, 3, seed=7, progress=False) for _ in range(2)]
     after = [r.network.state_dict() for r in runs]
     for key, value in before.items():
         assert torch.equal(model.network.state_dict()[key], value), f"the given model changed: {key}"
         assert torch.equal(after[0][key], after[1][key]), f"not deterministic: {key}"
     changed = [k for k in before if not torch.equal(after[0][k], before[k])]
-    assert changed and all(k.startswith("denoiser.") for k in changed)  # the VAE stays frozen
+    assert changed and all(k.startswith(f"{trained}.") for k in changed)
     z, t = stack.shape[2:]
-    assert runs[0].adaptation["steps"] == 3 and runs[0].adaptation["triplets"] == (z - 2) * t
+    assert runs[0].adaptation["trained"] == trained and runs[0].adaptation["steps"] == 3
+    assert runs[0].adaptation["triplets"] == (z - 2) * t
     assert not runs[0].network.training and not any(p.requires_grad for p in runs[0].network.parameters())
+    return before, after[0]
+
+
+def test_adapting_fine_tunes_a_copy_deterministically(phantom_subject):
+    adapted_twice(tiny_model_over_flow(), phantom_subject.sparse, "denoiser")
+
+
+def test_adapting_weights_with_a_head_trains_the_head_alone(phantom_subject):
+    """Through the frozen denoiser, as the head was trained."""
+    model, stack = tiny_model_over_flow(head=True), phantom_subject.sparse
+    before, after = adapted_twice(model, stack, "flow_correction")
+    # the adaptation's step 0 is the model as given, and its step 3 what adapt_model returns
+    steps = adapting_head(model, stack, seed=7)
+    step, first = next(steps)
+    assert step == 0 and all(torch.equal(v, before[k]) for k, v in first.network.state_dict().items())
+    for step, adapted in steps:
+        if step == 3:
+            break
+    assert all(torch.equal(v, after[k]) for k, v in adapted.network.state_dict().items())
 
 
 def test_adapt_refuses_before_any_work(tmp_path, phantom_subject):
@@ -49,6 +72,8 @@ def test_adapt_refuses_before_any_work(tmp_path, phantom_subject):
     inferer = BisectionInferer(method="calid", adapt=2, weights=str(over_linear), device="cpu")
     with pytest.raises(InputRefused, match="adapt needs a 2D model that corrects the flow midpoint"):
         inferer(phantom_subject.sparse, progress=False)
+    with pytest.raises(InputRefused, match="adapt trains a flow-correction head from the mean start"):
+        adapt_model(tiny_model_over_flow(head=True, start="noise"), phantom_subject.sparse, 2, progress=False)
     two_slices = every_nth_slice(phantom_subject.sparse, 0, 3)
     with pytest.raises(InputRefused, match="at least 3 slices"):
         adapt_model(tiny_model_over_flow(), two_slices, 2, progress=False)
@@ -62,6 +87,18 @@ def test_the_upsampled_stack_says_how_it_was_adapted(phantom_subject):
     np.testing.assert_array_equal(dense.array[:, :, ::2], stack.array)
     plain, _ = BisectionInferer(method="calid", factor=2, device="cpu")(stack, network=model, progress=False)
     assert "adaptation" not in plain.meta and not np.allclose(plain.array, dense.array)
+
+
+def test_a_stack_the_model_never_fills_is_not_adapted(phantom_subject, caplog):
+    """Where flow fills every gap (all below fallback_below_mm), adapting would cost minutes for nothing."""
+    model = tiny_model_over_flow(head=True)
+    stack = phantom_subject.sparse
+    model.info = model.info.updated(fallback_below_mm=4 * stack.slice_spacing)
+    dense, _ = BisectionInferer(method="calid", factor=4, adapt=2, device="cpu")(stack, network=model, progress=False)
+    assert "adaptation" not in dense.meta and "--adapt: not adapted" in caplog.text
+    model.info = model.info.updated(fallback_below_mm=stack.slice_spacing)  # the first level is the model's
+    dense, _ = BisectionInferer(method="calid", factor=4, adapt=2, device="cpu")(stack, network=model, progress=False)
+    assert dense.meta["adaptation"]["steps"] == 2
 
 
 def test_every_nth_slice_keeps_each_slice_where_it_was(phantom_subject):
@@ -124,6 +161,7 @@ def test_evaluate_reports_the_adapted_model_and_what_adapting_cost(tmp_path, pha
     )  # fmt: skip
     loo = report["labelled_stacks"]["P1"]["calid adapted"]
     assert [run["steps"] for run in loo["adaptation"]] == [2, 2]  # one model per parity
+    assert "calid adapted-phases" in report["labelled_stacks"]["P1"]  # fused over phases as calid is
     for methods in report["phantom"].values():
         assert methods["calid adapted"]["adaptation"]["steps"] == 2
     text = (tmp_path / "ev" / "report.md").read_text()

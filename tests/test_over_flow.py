@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import ROOT
 
-from bundle.adapt import check_adaptable
 from bundle.errors import InputRefused
 from bundle.inference import LearnedMidpoints
 from bundle.metrics import ssim
@@ -483,8 +482,6 @@ def test_a_flow_correction_head_is_attached_loaded_and_used(tmp_path, phantom_su
     torch.save({"unet.conv_0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(InputRefused, match="holds no flow-correction head"):
         attach_flow_correction(plain, tmp_path / "bad.pt", tmp_path / "bad")
-    with pytest.raises(InputRefused, match="adapt is not built for weights with a flow-correction head"):
-        check_adaptable(model)
 
 
 def test_model_info_refuses_a_flow_correction_head_it_cannot_use():
