@@ -95,9 +95,7 @@ def adapting_head(model: CaLIDModel, stack, device="cpu", seed=0, lr=ADAPT_HEAD_
     while True:
         for batch in loader:
             gap, truth = batch["gap_mm"].to(device), batch["image"].to(device)
-            conditioning = head(batch["neighbours"].to(device), gap)
-            z_start = conditioning.new_zeros(sampler.latent_shape(conditioning))
-            pred = sampler.sample(conditioning, z_start=z_start, base=conditioning[:, 2:3], gap_mm=gap)
+            pred = sampler.sample_over_flow(head(batch["neighbours"].to(device), gap), gap)
             loss = F.l1_loss(pred, truth)
             optimizer.zero_grad()
             loss.backward()

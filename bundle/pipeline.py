@@ -110,7 +110,8 @@ class BisectionInferer(Inferer):
             )  # fmt: skip
             return [fusing(FlowMidpoints(device=device, progress=bar), bar)]
         model = model if model is not None else load_model(opts.weights, device=device)
-        if opts.adapt and all(model.info.falls_back(gap) for gap in gaps):  # minutes for nothing
+        modelled = [level for level, gap in enumerate(gaps) if not model.info.falls_back(gap)]  # else flow fills them
+        if opts.adapt and not modelled:  # minutes for nothing
             logger.warning(
                 "--adapt: not adapted: flow midpoints fill every gap of this stack (%s mm), all below the model's "
                 "fallback_below_mm (%g mm)", ", ".join(f"{g:.4g}" for g in gaps), model.info.fallback_below_mm,
@@ -136,7 +137,6 @@ class BisectionInferer(Inferer):
         ]
         # the bar counts the slices the model generates; those filled by flow are told in the log
         per_gap = 1 if model.temporal else t
-        modelled = [level for level, gap in enumerate(gaps) if not predictors[0].falls_back(gap)]
         total = (new_slices(modelled, per_gap) + fused) * opts.samples
         bar = tqdm(total=total, desc="generating slices", unit="slice", disable=not progress or not total)
         for predictor in predictors:

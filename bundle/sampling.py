@@ -177,6 +177,13 @@ class SliceSampler:
         """:meth:`sample` without gradients (inference)."""
         return self.sample(neighbours, refine, generator, z_start, base, gap_mm)
 
+    def sample_over_flow(self, conditioning, gap_mm=None):
+        """What a residual model over flow returns from the mean start (as shipped), with
+        gradients where enabled: ``conditioning`` as :meth:`bundle.networks.CaLIDNetwork.over_flow`
+        makes it, its third channel the base (training a flow-correction head through the denoiser)."""
+        z_start = conditioning.new_zeros(self.latent_shape(conditioning))
+        return self.sample(conditioning, z_start=z_start, base=conditioning[:, 2:3], gap_mm=gap_mm)
+
     def sample(self, neighbours, refine=False, generator=None, z_start=None, base=None, gap_mm=None):
         """``neighbours``: the conditioning, whose first two channels are the two neighbours
         (over flow: warped half way). ``base`` (N, 1, ...): the slice a residual model corrects

@@ -44,12 +44,6 @@ from regression_over_flow import edes_parts, time_boxed, training_parts  # noqa:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def calid_over(sampler, conditioning, gap_mm):
-    """What CaLID returns over ``conditioning`` from the mean start (as shipped), with gradients."""
-    z_start = conditioning.new_zeros(sampler.latent_shape(conditioning))
-    return sampler.sample(conditioning, z_start=z_start, base=conditioning[:, 2:3], gap_mm=gap_mm)
-
-
 def heart_square(images, centres, px):
     """The ``px`` square of each image around its LV centre, as training crops are placed."""
     origins = [crop_origin(c, (px, px), images.shape[-2:]) for c in centres.tolist()]
@@ -65,7 +59,7 @@ def validate(head, sampler, data, px, chunk=8):
         sl = slice(start, start + chunk)
         flow_cond, truth, gap = data["neighbours"][sl].float(), data["image"][sl].float(), data["gap_mm"][sl]
         cond = head(flow_cond, gap)
-        pred = calid_over(sampler, cond, gap)
+        pred = sampler.sample_over_flow(cond, gap)
         lo = torch.minimum(flow_cond[:, 0:1], flow_cond[:, 1:2]).amin((2, 3), keepdim=True)
         hi = torch.maximum(flow_cond[:, 0:1], flow_cond[:, 1:2]).amax((2, 3), keepdim=True)
         pred = torch.maximum(torch.minimum(pred, hi), lo)  # inference clamps to the (unwarped) neighbours' range
@@ -151,7 +145,7 @@ def main():
     start = time.time()
 
     for iteration, batch in time_boxed(loader, args.minutes, args.iterations, iteration):
-        pred = calid_over(sampler, head(batch["neighbours"], batch["gap_mm"]), batch["gap_mm"])
+        pred = sampler.sample_over_flow(head(batch["neighbours"], batch["gap_mm"]), batch["gap_mm"])
         loss = F.l1_loss(pred, batch["image"])
         optimizer.zero_grad()
         loss.backward()
