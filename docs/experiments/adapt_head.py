@@ -8,7 +8,7 @@ each of ``--checkpoints`` steps (0: the weights as shipped) instead of once. Gai
 flow midpoint in the heart region (`calid evaluate`'s 80 mm square), CaLID at the model's
 steps from the mean start, at every gap (no fallback); with every phase scored, also fused
 over phases (the default window) against plain flow. Writes one JSON line per study, learning
-rate and checkpoint.
+rate and checkpoint, with the heart scores of flow and linear interpolation from the same run.
 
     OMP_NUM_THREADS=1 python docs/experiments/adapt_head.py OUT.jsonl STUDY [STUDY ...] --lr 1e-4 \
         --checkpoints "[0, 20, 60]" --phases 10
@@ -35,6 +35,7 @@ from bundle.stack import crop_inplane, every_nth_slice
 from bundle.studies import dicom_folder, lv_centre_from_contours
 from bundle.temporal import PhaseFusion
 from bundle.transforms import IntensityScaler
+from bundle.upsample import linear_midpoints
 from bundle.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,11 +89,14 @@ def main():
         def score(pred):
             return scores(scaler(pred.flatten(0, 1).numpy()), truth, box)
 
-        base = score(flow)
+        base, linear = score(flow), score(linear_midpoints(slices[:-2], slices[2:], gap))
+        heart = ("psnr_heart", "ssim_heart")
+        baselines = {f"{name}_{k}": v[k] for name, v in (("flow", base), ("linear", linear)) for k in heart}
         predictions = adapted_predictions(model, stack, slices, checkpoints, args.lr, args.seed)
         for step, pred in predictions.items():
             s = score(pred)
             row = {"study": Path(study).name, "lr": args.lr, "step": step, "phases": len(scored)}
+            row.update({k: s[k] for k in heart}, **baselines)  # the baselines of the same run
             row.update(psnr_gain=s["psnr_heart"] - base["psnr_heart"], ssim_gain=s["ssim_heart"] - base["ssim_heart"])
             if fusion is not None:
                 fused = score(fusion.fuse(pred, gap))
