@@ -1,8 +1,8 @@
-"""Three ways of using the cine's other phases beyond uniform fusion, probed on the training
-studies (leave-one-out x2: every inner slice predicted by the flow midpoint of its neighbours two
-acquisitions apart, every phase; PSNR gain over that midpoint in the 80 mm heart square, the
-study scaled to its robust [0, 1] range). None was built; docs/README.md, "Fusion over phases" and
-"Round 8".
+"""Training-free ways of using more than the two neighbours at one phase (the cine's other phases,
+the slices further out), probed on the training studies (leave-one-out x2: every inner slice
+predicted by the flow midpoint of its neighbours two acquisitions apart, every phase; PSNR gain
+over that midpoint in the 80 mm heart square, the study scaled to its robust [0, 1] range). None
+was built; docs/README.md, "Fusion over phases", "Round 8" and "Round 10".
 
 ``weighted``: fusion over phases (bundle.temporal) with each registered copy weighted per pixel by
 exp(-d / h^2), d its squared difference from the phase's own midpoint blurred over ``sigma``
@@ -28,6 +28,25 @@ with the 1, 3 and 6 closest:
     OMP_NUM_THREADS=2 python docs/experiments/other_phases_probes.py through-plane \
         ../shared/data/sunnybrook-scd/SCD0000101
 
+``neighbour-motion``: fusion over phases (3 each side) with each copy registered onto the phase's
+midpoint by another flow: its own (the default), the mean of the flows that register the two
+acquired neighbours' phases onto theirs (they are images, not predictions, so their flow cannot
+align a prediction's errors), and the mean of the two; of the flow midpoints, or with ``--weights``
+of CaLID's (1 DDIM step from the mean start, as shipped), still against the plain flow midpoint
+(0.9.4):
+
+    OMP_NUM_THREADS=2 python docs/experiments/other_phases_probes.py neighbour-motion \
+        ../shared/data/sunnybrook-scd/SCD0000101 ../shared/data/sunnybrook-scd/SCD0000201 \
+        ../shared/data/sunnybrook-scd/SCD0000301 [--weights models]
+
+``outer-slices``: a four-slice midpoint, as cubic interpolation takes one, in motion-compensated
+form: m + a (m - o), m the flow midpoint of the neighbours, o that of the slices three
+acquisitions out, registered onto m or not; at the inner slices that have both (0.9.4):
+
+    OMP_NUM_THREADS=2 python docs/experiments/other_phases_probes.py outer-slices \
+        ../shared/data/sunnybrook-scd/SCD0000101 ../shared/data/sunnybrook-scd/SCD0000201 \
+        ../shared/data/sunnybrook-scd/SCD0000301
+
 Prints JSON lines (through-plane: one per inner slice, then the study's mean).
 """
 
@@ -41,11 +60,13 @@ import numpy as np
 import torch
 
 from bundle.evaluate import heart_box
+from bundle.inference import LearnedMidpoints
 from bundle.io import read_sax
-from bundle.motion import FlowMidpoints, _gaussian_blur
+from bundle.motion import FlowMidpoints, _gaussian_blur, midpoint_flow, pairs_per_chunk, warp
 from bundle.studies import dicom_folder, lv_centre_from_contours
 from bundle.temporal import fuse_phases, register_onto, registered_phases
 from bundle.transforms import IntensityScaler
+from bundle.weights import load_model
 
 
 def heart_psnr(pred, truth, box):
@@ -98,6 +119,57 @@ def denoised_neighbours(slices, box, window=3):
     return result
 
 
+def flows_between(fixed, moving):
+    """The flows (N, 2, X, Y) that register ``moving`` onto ``fixed`` (N, X, Y), as
+    bundle.temporal.register_onto takes them, in chunks of 256 MB."""
+    chunk = pairs_per_chunk(*fixed.shape[-2:], 256)
+    a, b = fixed[:, None].float(), moving[:, None].float()
+    return torch.cat([midpoint_flow(a[i : i + chunk], b[i : i + chunk]) for i in range(0, len(a), chunk)])
+
+
+def neighbour_motion(slices, box, window=3, midpoints=None):
+    """Gains over the flow midpoint of ``midpoints`` (default: that flow midpoint; unfused) and of
+    them fused over ``window`` phases each side, each copy registered by its own flow (own: the
+    default), the neighbours' mean flow (neighbours), or the mean of those two flows (both)."""
+    truth = slices[1:-1]
+    flow = FlowMidpoints()(slices[:-2], slices[2:]).float()
+    mid = flow if midpoints is None else midpoints.float()
+    n, t, x, y = mid.shape
+    totals = {key: mid.clone() for key in ("own", "neighbours", "both")}
+    for shift in [s for k in range(1, window + 1) for s in (k, -k)]:
+        moving = mid.roll(-shift, dims=1).reshape(n * t, 1, x, y)  # phase t + shift
+        own = flows_between(mid.reshape(n * t, x, y), moving[:, 0])
+        acquired = flows_between(slices.flatten(0, 1), slices.roll(-shift, dims=1).flatten(0, 1))
+        acquired = acquired.reshape(n + 2, t, 2, x, y)
+        neighbours = (0.5 * (acquired[:-2] + acquired[2:])).reshape(n * t, 2, x, y)
+        for key, field in (("own", own), ("neighbours", neighbours), ("both", 0.5 * (own + neighbours))):
+            totals[key] += warp(moving, field).reshape(n, t, x, y)
+    base = heart_psnr(flow, truth, box).mean()
+    result = {"unfused": float(heart_psnr(mid, truth, box).mean() - base)}
+    result.update(
+        {key: float(heart_psnr(total / (2 * window + 1), truth, box).mean() - base) for key, total in totals.items()}
+    )
+    return result
+
+
+def outer_slices(slices, box):
+    """Gains over the flow midpoint m of m + a (m - o) at the inner slices with neighbours three
+    acquisitions out, o their flow midpoint registered onto m (reg{a}) or not (plain{a})."""
+    z, t, x, y = slices.shape
+    inner = list(range(3, z - 3))
+    truth = slices[inner]
+    mid = FlowMidpoints()(slices[[k - 1 for k in inner]], slices[[k + 1 for k in inner]]).float()
+    outer = FlowMidpoints()(slices[[k - 3 for k in inner]], slices[[k + 3 for k in inner]]).float()
+    flat = outer.reshape(-1, 1, x, y)
+    registered = warp(flat, flows_between(mid.reshape(-1, x, y), flat[:, 0])).reshape(mid.shape)
+    base = heart_psnr(mid, truth, box).mean()
+    result = {"inner_slices": inner}
+    for a in (1 / 16, 1 / 8, 1 / 4):
+        for key, o in (("reg", registered), ("plain", outer)):
+            result[f"{key}{a:g}"] = float(heart_psnr(mid + a * (mid - o), truth, box).mean() - base)
+    return result
+
+
 def through_plane(slices, box, name):
     """Per inner slice k: mean gains over the flow midpoint of the candidates described above."""
     z, t = slices.shape[:2]
@@ -132,20 +204,29 @@ def through_plane(slices, box, name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("weighted", "denoised-neighbours", "through-plane"))
+    probes = {"weighted": weighted, "denoised-neighbours": denoised_neighbours}
+    probes.update({"neighbour-motion": neighbour_motion, "outer-slices": outer_slices})
+    parser.add_argument("probe", choices=(*probes, "through-plane"))
     parser.add_argument("studies", nargs="+", type=Path)
+    parser.add_argument("--weights", type=Path, help="neighbour-motion: fuse CaLID's midpoints with these weights")
     args = parser.parse_args()
+    if args.weights and args.probe != "neighbour-motion":
+        parser.error("--weights is for neighbour-motion only")
+    model = load_model(args.weights) if args.weights else None
     for study in args.studies:
         stack = read_sax(dicom_folder(study))
         box = heart_box(stack, lv_centre_from_contours(study))
         scaler = IntensityScaler.fit(stack.array)
         slices = torch.from_numpy(np.ascontiguousarray(scaler(stack.array).transpose(2, 3, 0, 1), dtype=np.float32))
-        if args.probe == "weighted":
-            result = weighted(slices, box)
-        elif args.probe == "denoised-neighbours":
-            result = denoised_neighbours(slices, box)
-        else:
+        if args.probe == "through-plane":
             result = through_plane(slices, box, study.name)
+        elif model is not None and args.probe == "neighbour-motion":
+            raw = torch.from_numpy(np.ascontiguousarray(stack.array.transpose(2, 3, 0, 1), dtype=np.float32))
+            learned = LearnedMidpoints(model, model.preprocessor(stack), num_steps=model.info.steps)
+            calid = scaler(learned(raw[:-2], raw[2:], 2 * stack.slice_spacing).numpy())
+            result = {"weights": str(args.weights), **neighbour_motion(slices, box, midpoints=torch.from_numpy(calid))}
+        else:
+            result = probes[args.probe](slices, box)
         print(json.dumps({"study": study.name, "phases": slices.shape[1], **result}), flush=True)
 
 
