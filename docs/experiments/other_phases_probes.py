@@ -66,6 +66,7 @@ from bundle.motion import FlowMidpoints, _gaussian_blur, midpoint_flow, pairs_pe
 from bundle.studies import dicom_folder, lv_centre_from_contours
 from bundle.temporal import fuse_phases, register_onto, registered_phases
 from bundle.transforms import IntensityScaler
+from bundle.upsample import linear_midpoints
 from bundle.weights import load_model
 
 
@@ -128,9 +129,10 @@ def flows_between(fixed, moving):
 
 
 def neighbour_motion(slices, box, window=3, midpoints=None):
-    """Gains over the flow midpoint of ``midpoints`` (default: that flow midpoint; unfused) and of
-    them fused over ``window`` phases each side, each copy registered by its own flow (own: the
-    default), the neighbours' mean flow (neighbours), or the mean of those two flows (both)."""
+    """The flow midpoint's heart PSNR, and gains over it of linear interpolation, of ``midpoints``
+    (default: that flow midpoint; unfused) and of them fused over ``window`` phases each side,
+    each copy registered by its own flow (own: the default), the neighbours' mean flow
+    (neighbours), or the mean of those two flows (both)."""
     truth = slices[1:-1]
     flow = FlowMidpoints()(slices[:-2], slices[2:]).float()
     mid = flow if midpoints is None else midpoints.float()
@@ -145,7 +147,9 @@ def neighbour_motion(slices, box, window=3, midpoints=None):
         for key, field in (("own", own), ("neighbours", neighbours), ("both", 0.5 * (own + neighbours))):
             totals[key] += warp(moving, field).reshape(n, t, x, y)
     base = heart_psnr(flow, truth, box).mean()
-    result = {"unfused": float(heart_psnr(mid, truth, box).mean() - base)}
+    linear = linear_midpoints(slices[:-2], slices[2:])
+    result = {"flow_psnr": float(base), "linear": float(heart_psnr(linear, truth, box).mean() - base)}
+    result["unfused"] = float(heart_psnr(mid, truth, box).mean() - base)
     result.update(
         {key: float(heart_psnr(total / (2 * window + 1), truth, box).mean() - base) for key, total in totals.items()}
     )
@@ -211,7 +215,7 @@ def main():
     parser.add_argument("--weights", type=Path, help="neighbour-motion: fuse CaLID's midpoints with these weights")
     args = parser.parse_args()
     if args.weights and args.probe != "neighbour-motion":
-        parser.error("--weights is for neighbour-motion only")
+        parser.exit(2, f"{parser.prog}: --weights is for neighbour-motion only\n")
     model = load_model(args.weights) if args.weights else None
     for study in args.studies:
         stack = read_sax(dicom_folder(study))
